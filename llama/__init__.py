@@ -1,0 +1,7 @@
+"""LLaMA in Meta's checkpoint layout, on any single device: `LLaMa.build(folder).text_completion(...)`."""
+
+from llama.generation import Completions, LLaMa
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import Tokenizer
+
+__all__ = ["Completions", "LLaMa", "ModelArgs", "Transformer", "Tokenizer"]

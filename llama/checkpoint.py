@@ -1,0 +1,179 @@
+"""Meta's checkpoint folder: params.json plus consolidated.NN.pth model-parallel shards.
+
+Reads any number of shards onto one device (merging them by Meta's parallel layout) and
+writes them back the way Meta splits them. Tensors never pass through pickle code execution:
+every load is `weights_only=True`.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from llama.model import ModelArgs, Transformer
+
+logger = logging.getLogger(__name__)
+
+# Meta's fairscale layers: ColumnParallelLinear splits the output rows (dim 0), RowParallelLinear
+# the input columns (dim 1). 1-D norms are replicated on every shard.
+COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")
+ROW_PARALLEL = ("wo", "w2")
+DROPPED_KEYS = ("rope.freqs",)  # Llama 1/2 store their rotation table; we compute it
+
+
+def read_params(ckpt_dir: str | os.PathLike) -> ModelArgs:
+    path = Path(ckpt_dir) / "params.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no params.json in {Path(ckpt_dir)}: a Meta checkpoint folder has one beside its shards")
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    args = ModelArgs.from_params(params)
+    if args.extra:
+        logger.info("%s: keeping keys this version does not use: %s", path, sorted(args.extra))
+    return args
+
+
+def split_dim(key: str, shape: torch.Size, args: ModelArgs) -> int | None:
+    """The dim along which Meta's model parallelism splits `key`, or None if it is replicated."""
+    if len(shape) == 1 or key in DROPPED_KEYS:
+        return None
+    if key == "tok_embeddings.weight":
+        # Llama 1/2 and Code Llama split the embedding dim (ParallelEmbedding); Llama 3 the
+        # vocabulary (VocabParallelEmbedding). A shard holding all of `dim` tells which.
+        return 0 if shape[1] == args.dim else 1
+    name = key.split(".")[-2]
+    if name in COLUMN_PARALLEL:
+        return 0
+    if name in ROW_PARALLEL:
+        return 1
+    raise ValueError(f"unexpected 2-D weight {key!r} {tuple(shape)}: not part of Meta's LLaMA layout")
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refused to load {path}: it holds objects other than tensors, and loading it could run "
+            f"code ({str(e).splitlines()[0]}). Only load checkpoints from a source you trust, "
+            "saved as plain state dicts."
+        ) from None
+
+
+class MetaCheckpoint:
+    """A checkpoint folder opened lazily (mmap): its params and the merged shape of each weight."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike):
+        self.dir = Path(ckpt_dir)
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {self.dir} does not exist")
+        self.args = read_params(self.dir)
+        self.paths = sorted(self.dir.glob("consolidated.*.pth"))
+        if not self.paths:
+            raise FileNotFoundError(f"no consolidated.*.pth shards in {self.dir}")
+        n = len(self.paths)
+        for what, count in (("n_heads", self.args.n_heads), ("n_kv_heads", self.args.kv_heads)):
+            if count % n:
+                raise ValueError(f"{n} shards in {self.dir} cannot split {what}={count}: is a shard missing or extra?")
+        self.shards = [_load_shard(p) for p in self.paths]
+        for shard in self.shards:
+            for key in DROPPED_KEYS:
+                shard.pop(key, None)
+        self.shapes = self._merged_shapes()
+
+    def _merged_shapes(self) -> dict[str, torch.Size]:
+        first = self.shards[0]
+        for path, shard in zip(self.paths[1:], self.shards[1:]):
+            if shard.keys() != first.keys():
+                diff = sorted(shard.keys() ^ first.keys())
+                raise ValueError(f"{path} and {self.paths[0]} hold different keys: {diff[:5]}")
+        shapes = {}
+        for key, tensor in first.items():
+            pieces = [s[key].shape for s in self.shards]
+            dim = split_dim(key, tensor.shape, self.args)
+            kept = [tuple(p[:dim]) + tuple(p[dim + 1 :]) if dim is not None else tuple(p) for p in pieces]
+            if len(set(kept)) != 1 or (dim is not None and len({p[dim] for p in pieces}) != 1):
+                raise ValueError(f"shards disagree on the shape of {key}: {[tuple(p) for p in pieces]}")
+            merged = list(tensor.shape)
+            if dim is not None:
+                merged[dim] *= len(self.shards)
+            shapes[key] = torch.Size(merged)
+        return shapes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.shapes["tok_embeddings.weight"][0]
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return sum(s.numel() for s in self.shapes.values()) * dtype.itemsize
+
+    def load_into(self, model: Transformer) -> None:
+        """Copy the shards into `model` (allocated, e.g. by to_empty), strictly, shard by shard."""
+        expected = model.state_dict()
+        missing, unexpected = sorted(expected.keys() - self.shapes.keys()), sorted(self.shapes.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"{self.dir} does not match params.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, shape in self.shapes.items():
+            if expected[key].shape != shape:
+                raise ValueError(
+                    f"{key}: the checkpoint's shape is {tuple(shape)} but params.json in {self.dir} "
+                    f"gives {tuple(expected[key].shape)}"
+                )
+        with torch.no_grad():
+            for i, shard in enumerate(tqdm(self.shards, desc="loading shards", unit="shard", disable=None)):
+                for key, tensor in shard.items():
+                    dim = split_dim(key, tensor.shape, self.args)
+                    target = expected[key]
+                    if dim is None:
+                        if i == 0:
+                            target.copy_(tensor)
+                        elif not torch.equal(target, tensor.to(target)):
+                            raise ValueError(f"{self.paths[i]} disagrees with {self.paths[0]} on replicated {key}")
+                    else:
+                        size = tensor.shape[dim]
+                        target.narrow(dim, i * size, size).copy_(tensor)
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike, n_shards: int = 1
+) -> Path:
+    """Write a Meta folder: params.json, n_shards consolidated.NN.pth split as Meta splits them
+    (embedding on its dim, Llama 1/2 style), and checklist.chk in `md5sum -c` format."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for what, count in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
+        if count % n_shards:
+            raise ValueError(f"n_shards={n_shards} does not divide {what}={count}")
+    names = ["params.json"]
+    (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
+    for i in range(n_shards):
+        shard = {}
+        for key, tensor in state_dict.items():
+            dim = 1 if key == "tok_embeddings.weight" else split_dim(key, tensor.shape, args)
+            piece = tensor if dim is None else tensor.chunk(n_shards, dim)[i]
+            shard[key] = piece.detach().to("cpu").contiguous().clone()  # a view would save all
+        name = f"consolidated.{i:02d}.pth"
+        torch.save(shard, out / name)
+        names.append(name)
+    (out / "checklist.chk").write_text("".join(f"{md5(out / n)}  {n}\n" for n in sorted(names)))
+    return out

@@ -1,0 +1,248 @@
+"""The LLaMA network, single-device, mirroring Meta's llama/model.py line for line in semantics.
+
+Layout letters: B batch, T time (new tokens), S cached positions, H heads, Hkv kv-heads,
+D head dim. The KV cache is owned by each Attention and allocated by `setup_cache`, never by
+the constructor, so building the architecture costs no memory for a run that has not started.
+"""
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """What params.json says, and nothing else (batch size, length, device belong to the run)."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = -1  # -1: take the tokenizer's size
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling
+    extra: dict = field(default_factory=dict)  # params.json keys this version does not use
+
+    @classmethod
+    def from_params(cls, params: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        args = cls(**{k: v for k, v in params.items() if k in known})
+        args.extra = {k: v for k, v in params.items() if k not in known}
+        return args
+
+    def to_params(self) -> dict:
+        """The params.json dict: the fields Meta writes, then any unused keys we were given."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        if out["n_kv_heads"] is None:
+            del out["n_kv_heads"]
+        if out["ffn_dim_multiplier"] is None:
+            del out["ffn_dim_multiplier"]
+        if not out["use_scaled_rope"]:
+            del out["use_scaled_rope"]
+        return {**out, **self.extra}
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's SwiGLU sizing: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, cast back, then scale: Meta's order, which bf16 results depend on.
+        return self._norm(x.float()).type_as(x) * self.weight
+
+
+def apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1's rope scaling: slow the low frequencies 8x, keep the high ones, blend between."""
+    scale_factor, low_freq_factor, high_freq_factor, old_context_len = 8, 1, 4, 8192
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    return torch.where(
+        wavelen < high_freq_wavelen, freqs, torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    )
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False) -> torch.Tensor:
+    """Unit complex rotations [end, dim/2] for positions 0..end-1, computed in float32 on the CPU."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    if use_scaled:
+        freqs = apply_scaling(freqs)
+    t = torch.arange(end, dtype=torch.float32)
+    freqs = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of each head as complex numbers."""
+    # [B, T, H, D] -> [B, T, H, D/2] complex; freqs_cis [T, D/2] broadcasts over B and H.
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis[None, :, None, :]
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # [max_batch_size, Hkv, max_seq_len, D], set by Transformer.setup_cache.
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        # [B, T, H, D] -> [B, H, T, D], the layout attention and the cache use.
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+
+        if self.cache_k is not None:
+            self.cache_k[:bsz, :, start_pos : start_pos + seqlen] = xk
+            self.cache_v[:bsz, :, start_pos : start_pos + seqlen] = xv
+            keys = self.cache_k[:bsz, :, : start_pos + seqlen]
+            values = self.cache_v[:bsz, :, : start_pos + seqlen]
+        else:
+            keys, values = xk, xv
+
+        # Each group of n_heads / n_kv_heads query heads shares one kv head (GQA).
+        output = F.scaled_dot_product_attention(
+            xq, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        if params.vocab_size < 1:
+            raise ValueError(f"vocab_size is {params.vocab_size}: set it from the tokenizer before building the model")
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        self.freqs_cis: torch.Tensor | None = None  # [max_seq_len, D/2], set by setup_cache
+        self.max_batch_size = self.max_seq_len = 0
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the KV cache once, in the model's dtype on its device, and the rotations."""
+        weight = self.output.weight
+        shape = (max_batch_size, self.params.kv_heads, max_seq_len, self.params.head_dim)
+        for layer in self.layers:
+            layer.attention.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            layer.attention.cache_v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.freqs_cis = self._freqs(max_seq_len).to(weight.device)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random weights for a model built without a checkpoint: N(0, 0.02) matrices, unit norms."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=generator)
+
+    def _freqs(self, end: int) -> torch.Tensor:
+        p = self.params
+        return precompute_freqs_cis(p.head_dim, end, p.rope_theta, p.use_scaled_rope)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Float32 logits [B, T, vocab] for tokens [B, T] at positions start_pos..start_pos+T-1.
+
+        With a cache, the tokens' keys and values are written to it and attend to everything
+        before them; without one, only start_pos == 0 makes sense (the tokens see each other).
+        """
+        bsz, seqlen = tokens.shape
+        if self.freqs_cis is None:
+            if start_pos != 0:
+                raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")
+            freqs_cis = self._freqs(seqlen).to(tokens.device)
+        else:
+            if bsz > self.max_batch_size or start_pos + seqlen > self.max_seq_len:
+                raise ValueError(
+                    f"tokens [{bsz}, {seqlen}] at start_pos={start_pos} do not fit the cache "
+                    f"[max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}]"
+                )
+            freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+
+        h = self.tok_embeddings(tokens)
+        mask = None
+        if seqlen > 1:
+            # Causal among the new tokens; every cached position before start_pos is visible.
+            mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device).triu(1)
+            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        h = self.norm(h)
+        return self.output(h).float()

@@ -1,0 +1,78 @@
+"""Where and how a run happens: device and dtype from what the user wrote, and the memory check
+that refuses a model or KV cache that will not fit before anything is allocated.
+"""
+
+import os
+
+import torch
+
+DTYPES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+GiB = 1 << 30
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None means CUDA when present, else CPU; MPS only when asked for."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available: use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but MPS is not available: use device='cpu'")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {str(device)!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None means float16 on a GPU and bfloat16 on the CPU; names like 'bf16' are accepted."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cpu" else torch.float16
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}: use float16, bfloat16 or float32")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(weight_bytes: int, cache_bytes: int, device: torch.device, cache_args: str) -> None:
+    """Refuse, with the arithmetic, a run whose weights and KV cache exceed the free memory."""
+    free = available_memory(device)
+    if free is None or weight_bytes + cache_bytes <= free:
+        return
+    raise ValueError(
+        f"not enough memory on {device}: the weights need {weight_bytes / GiB:.2f} GiB and the KV cache "
+        f"({cache_args}) {cache_bytes / GiB:.2f} GiB, but {free / GiB:.2f} GiB is free. Lower max_seq_len "
+        "or max_batch_size (the cache grows with both), or choose a smaller dtype or device with more memory"
+    )

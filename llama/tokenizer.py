@@ -1,0 +1,46 @@
+"""The SentencePiece tokenizer of LLaMA 1/2 and Code Llama, mirroring Meta's llama/tokenizer.py.
+
+Ids are plain Python ints; BOS/EOS are added by `encode` only when asked, as in Meta's code.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+from sentencepiece import SentencePieceProcessor
+
+logger = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer model at {path}: pass tokenizer_path= the tokenizer.model file")
+        self.sp_model = SentencePieceProcessor()
+        try:
+            self.sp_model.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(
+                f"{path} is not a SentencePiece model ({e}). Llama 1/2 and Code Llama tokenizers are; "
+                "Llama 3's tokenizer.model is a tiktoken file, which this project does not read"
+            ) from None
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()
+        logger.info("tokenizer %s: %d words, BOS %d, EOS %d, PAD %d", path, self.n_words, self.bos_id, self.eos_id, self.pad_id)
+        assert self.sp_model.vocab_size() == self.sp_model.GetPieceSize()
+
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"encode takes a str, got {type(s).__name__}: {s!r}")
+        t = self.sp_model.encode(s)
+        if bos:
+            t = [self.bos_id] + t
+        if eos:
+            t = t + [self.eos_id]
+        return t
+
+    def decode(self, t: list[int]) -> str:
+        return self.sp_model.decode(t)

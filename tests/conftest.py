@@ -1,0 +1,130 @@
+"""Fixtures: tiny Meta checkpoint folders with real shards, and a SentencePiece model trained here.
+
+The shard splitting below is written independently of llama/checkpoint.py, from Meta's layout
+(fairscale column-parallel rows, row-parallel columns, replicated norms), so loading is tested
+against a second reading of that layout rather than against itself.
+"""
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+WORDS = (
+    "the king and queen of a far land spoke to their people about bread wine gold "
+    "silver rivers mountains hope fear night day love war peace a an of to in on at"
+).split()
+
+
+def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n_lines)]
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory) -> Path:
+    """A 96-piece BPE model with Meta's special ids (unk 0, bos 1, eos 2, no pad)."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=96, model_type="bpe",
+        character_coverage=1.0, minloglevel=2, num_threads=1,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def random_state_dict(params: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Float32 weights under Meta's key names; norms are random too so a mixed-up norm shows."""
+    g = torch.Generator().manual_seed(seed)
+    dim, n_heads = params["dim"], params["n_heads"]
+    kv_heads, head_dim = params.get("n_kv_heads") or n_heads, dim // n_heads
+    hidden = int(2 * 4 * dim / 3)
+    if params.get("ffn_dim_multiplier") is not None:
+        hidden = int(params["ffn_dim_multiplier"] * hidden)
+    hidden = params["multiple_of"] * -(-hidden // params["multiple_of"])
+    vocab = params["vocab_size"]
+
+    def w(*shape, scale=None):
+        return torch.randn(*shape, generator=g) * (scale or shape[-1] ** -0.5)
+
+    sd = {"tok_embeddings.weight": w(vocab, dim, scale=1.0)}
+    for i in range(params["n_layers"]):
+        p = f"layers.{i}."
+        sd[p + "attention.wq.weight"] = w(n_heads * head_dim, dim)
+        sd[p + "attention.wk.weight"] = w(kv_heads * head_dim, dim)
+        sd[p + "attention.wv.weight"] = w(kv_heads * head_dim, dim)
+        sd[p + "attention.wo.weight"] = w(dim, n_heads * head_dim)
+        sd[p + "feed_forward.w1.weight"] = w(hidden, dim)
+        sd[p + "feed_forward.w2.weight"] = w(dim, hidden)
+        sd[p + "feed_forward.w3.weight"] = w(hidden, dim)
+        sd[p + "attention_norm.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
+        sd[p + "ffn_norm.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
+    sd["norm.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
+    sd["output.weight"] = w(vocab, dim)
+    return sd
+
+
+def meta_split(sd: dict[str, torch.Tensor], n: int, vocab_parallel_embedding: bool = False) -> list[dict]:
+    """Split like fairscale model parallelism: what Meta's consolidated.NN.pth files hold."""
+    rows = ("wq", "wk", "wv", "w1", "w3", "output")
+    shards = [{} for _ in range(n)]
+    for key, t in sd.items():
+        name = key.split(".")[-2]
+        if t.dim() == 1:
+            pieces = [t] * n
+        elif key == "tok_embeddings.weight":
+            pieces = t.chunk(n, 0 if vocab_parallel_embedding else 1)
+        else:
+            pieces = t.chunk(n, 0 if name in rows else 1)
+        for shard, piece in zip(shards, pieces):
+            shard[key] = piece.clone()
+    return shards
+
+
+def write_checkpoint(
+    folder: Path, params: dict, n_shards: int = 1, seed: int = 0, rope_freqs: bool = False,
+    vocab_parallel_embedding: bool = False, dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Write params.json and n_shards consolidated.NN.pth into folder; return the full weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = random_state_dict(params, seed)
+    (folder / "params.json").write_text(json.dumps(params))
+    for i, shard in enumerate(meta_split(sd, n_shards, vocab_parallel_embedding)):
+        shard = {k: v.to(dtype) for k, v in shard.items()}
+        if rope_freqs:
+            shard["rope.freqs"] = torch.randn(params["dim"] // params["n_heads"] // 2)
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+    return sd
+
+
+# Small architectures covering the layout's features.
+MHA = dict(dim=64, n_layers=2, n_heads=4, vocab_size=96, multiple_of=32, norm_eps=1e-5)
+GQA = dict(MHA, n_kv_heads=2, ffn_dim_multiplier=1.3, multiple_of=48)
+THETA = dict(GQA, rope_theta=1e6)
+
+
+@pytest.fixture
+def make_ckpt(tmp_path, sp_model_path):
+    """make_ckpt(params, n_shards=1, **kw) -> (folder, full float32 state dict), tokenizer beside it."""
+
+    def make(params: dict = MHA, n_shards: int = 1, name: str = "model", **kw):
+        folder = tmp_path / name
+        sd = write_checkpoint(folder, params, n_shards, **kw)
+        (folder / "tokenizer.model").write_bytes(sp_model_path.read_bytes())
+        return folder, sd
+
+    return make
+
+
+def needs_shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (../shared/data only exists beside the project's own checkout)")
+    return path

@@ -1,0 +1,161 @@
+"""Loading Meta folders: shards merged onto one device, strictly, safely; and written back."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from conftest import GQA, MHA, THETA
+from llama import LLaMa
+from llama.checkpoint import MetaCheckpoint, save_checkpoint
+from llama.model import ModelArgs, Transformer
+
+
+def loaded_state(folder, **kw) -> dict[str, torch.Tensor]:
+    llm = LLaMa.build(folder, max_seq_len=16, max_batch_size=1, dtype="float32", **kw)
+    return llm.model.state_dict()
+
+
+@pytest.mark.parametrize(
+    "params, n_shards, kw",
+    [
+        (MHA, 1, {}),
+        (MHA, 2, {"rope_freqs": True}),
+        (MHA, 4, {"rope_freqs": True}),
+        (GQA, 2, {}),
+        (THETA, 2, {"vocab_parallel_embedding": True}),  # Llama 3 splits the vocabulary
+    ],
+)
+def test_merged_shards_equal_unsharded_weights(make_ckpt, params, n_shards, kw):
+    folder, sd = make_ckpt(params, n_shards, **kw)
+    state = loaded_state(folder)
+    assert state.keys() == sd.keys()
+    for key, value in sd.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_shards_convert_to_the_target_dtype(make_ckpt):
+    folder, sd = make_ckpt(GQA, 2)
+    llm = LLaMa.build(folder, max_seq_len=16, max_batch_size=1, dtype="bf16")
+    for key, value in llm.model.state_dict().items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, sd[key].to(torch.bfloat16)), key
+    assert llm.model.layers[0].attention.cache_k.dtype == torch.bfloat16
+
+
+def test_save_checkpoint_round_trips_and_writes_checklist(tmp_path, make_ckpt):
+    folder, sd = make_ckpt(GQA, 1)
+    args = ModelArgs.from_params(json.loads((folder / "params.json").read_text()))
+    out = save_checkpoint(sd, args, tmp_path / "saved", n_shards=2)
+    assert sorted(p.name for p in out.iterdir()) == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    assert torch.load(out / "consolidated.00.pth")["tok_embeddings.weight"].shape == (96, 32)  # Llama 2 split
+    merged = MetaCheckpoint(out)
+    model = Transformer(merged.args)
+    merged.load_into(model)
+    for key, value in sd.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=out, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickle_that_runs_code_is_refused(make_ckpt):
+    folder, _ = make_ckpt(MHA, 1)
+    shard = torch.load(folder / "consolidated.00.pth")
+    shard["evil"] = Exploit()
+    torch.save(shard, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match="refused to load .*consolidated.00.pth"):
+        LLaMa.build(folder, dtype="float32")
+
+
+def test_missing_folder_params_and_shards(tmp_path, make_ckpt):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLaMa.build(tmp_path / "nope")
+    folder, _ = make_ckpt(MHA, 1)
+    (folder / "consolidated.00.pth").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no consolidated\.\*\.pth shards in .*model"):
+        LLaMa.build(folder)
+    (folder / "params.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no params.json in"):
+        LLaMa.build(folder)
+
+
+def test_missing_tokenizer_names_both_places(make_ckpt):
+    folder, _ = make_ckpt(MHA, 1)
+    (folder / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model in .*tokenizer_path="):
+        LLaMa.build(folder)
+
+
+def test_tokenizer_in_parent_folder_is_found(make_ckpt):
+    folder, _ = make_ckpt(MHA, 1)
+    (folder / "tokenizer.model").rename(folder.parent / "tokenizer.model")
+    assert LLaMa.build(folder, dtype="float32", max_seq_len=8).tokenizer.n_words == 96
+
+
+def test_shard_count_that_does_not_divide_heads(make_ckpt):
+    folder, _ = make_ckpt(GQA, 2)
+    torch.save(torch.load(folder / "consolidated.01.pth"), folder / "consolidated.02.pth")
+    with pytest.raises(ValueError, match="3 shards .* cannot split n_heads=4"):
+        LLaMa.build(folder)
+
+
+def test_shards_whose_shapes_disagree(make_ckpt):
+    folder, _ = make_ckpt(MHA, 2)
+    shard = torch.load(folder / "consolidated.01.pth")
+    shard["layers.1.attention.wq.weight"] = shard["layers.1.attention.wq.weight"][:-1]
+    torch.save(shard, folder / "consolidated.01.pth")
+    with pytest.raises(ValueError, match=r"shards disagree on the shape of layers.1.attention.wq.weight"):
+        LLaMa.build(folder)
+
+
+def test_weight_that_does_not_match_params_names_key_and_shapes(make_ckpt):
+    folder, _ = make_ckpt(MHA, 1)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps(dict(params, multiple_of=100)))
+    with pytest.raises(ValueError, match=r"feed_forward.w1.weight: the checkpoint's shape is \(192, 64\) .* \(200, 64\)"):
+        LLaMa.build(folder)
+
+
+def test_missing_weight_is_an_error_not_a_random_one(make_ckpt):
+    folder, _ = make_ckpt(MHA, 1)
+    shard = torch.load(folder / "consolidated.00.pth")
+    del shard["layers.0.ffn_norm.weight"]
+    torch.save(shard, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"missing \['layers.0.ffn_norm.weight'\]"):
+        LLaMa.build(folder)
+
+
+def test_tokenizer_vocab_must_match_embedding(make_ckpt):
+    # -1 takes the tokenizer's 96 words; an embedding of another size is refused with both numbers.
+    params = dict(MHA, vocab_size=100)
+    folder, _ = make_ckpt(params, 1, name="big")
+    (folder / "params.json").write_text(json.dumps(dict(params, vocab_size=-1)))
+    with pytest.raises(ValueError, match="embedding in .* has 100 rows but the tokenizer .* has 96 words"):
+        LLaMa.build(folder)
+    (folder / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match="vocab_size=100 but .*tokenizer.model has 96 words"):
+        LLaMa.build(folder)
+
+
+def test_unused_params_keys_are_kept_not_fatal(make_ckpt, caplog):
+    folder, _ = make_ckpt(MHA, 1)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps(dict(params, max_seq_len=4096, something_new=1)))
+    with caplog.at_level("INFO", logger="llama"):
+        llm = LLaMa.build(folder, dtype="float32", max_seq_len=8)
+    assert llm.model.params.extra == {"max_seq_len": 4096, "something_new": 1}
+    assert "something_new" in caplog.text
+
+
+def test_legacy_pickle_without_zip_loads(make_ckpt):
+    folder, sd = make_ckpt(MHA, 1)
+    shard = torch.load(folder / "consolidated.00.pth")
+    torch.save(shard, folder / "consolidated.00.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(loaded_state(folder)["output.weight"], sd["output.weight"])

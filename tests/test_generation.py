@@ -1,0 +1,188 @@
+"""Generation: Meta's schedule and sampling sequence, logprobs, batching invariants, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import GQA, MHA
+from llama import Completions, LLaMa
+
+
+@pytest.fixture
+def llm(make_ckpt) -> LLaMa:
+    folder, _ = make_ckpt(GQA, 2)
+    return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
+
+
+def meta_reference_generate(model, tokenizer, prompt_tokens, max_gen_len, temperature, top_p, seed):
+    """Meta's generate() and sample_top_p() transcribed, global RNG and all: the oracle."""
+    torch.manual_seed(seed)
+    bsz, pad_id = len(prompt_tokens), tokenizer.pad_id
+    min_len, max_len = min(map(len, prompt_tokens)), max(map(len, prompt_tokens))
+    total_len = min(model.max_seq_len, max_gen_len + max_len)
+    tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long)
+    for k, t in enumerate(prompt_tokens):
+        tokens[k, : len(t)] = torch.tensor(t)
+    token_logprobs = torch.zeros_like(tokens, dtype=torch.float)
+    prev_pos, eos_reached, mask = 0, torch.tensor([False] * bsz), tokens != pad_id
+    for cur_pos in range(min_len, total_len):
+        logits = model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+        if temperature > 0:
+            probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
+            probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+            probs_sum = torch.cumsum(probs_sort, dim=-1)
+            probs_sort[probs_sum - probs_sort > top_p] = 0.0
+            probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+            nxt = torch.gather(probs_idx, -1, torch.multinomial(probs_sort, num_samples=1))
+        else:
+            nxt = torch.argmax(logits[:, -1], dim=-1)
+        nxt = torch.where(mask[:, cur_pos], tokens[:, cur_pos], nxt.reshape(-1))
+        tokens[:, cur_pos] = nxt
+        token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+            logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=pad_id
+        )
+        eos_reached |= (~mask[:, cur_pos]) & (nxt == tokenizer.eos_id)
+        prev_pos = cur_pos
+        if all(eos_reached):
+            break
+    out, lps = [], []
+    for i, toks in enumerate(tokens.tolist()):
+        start, end = len(prompt_tokens[i]), len(prompt_tokens[i]) + max_gen_len
+        toks, probs = toks[start:end], token_logprobs[i].tolist()[start:end]
+        if tokenizer.eos_id in toks:
+            toks = toks[: toks.index(tokenizer.eos_id)]
+            probs = probs[: len(toks)]
+        out.append(toks)
+        lps.append(probs)
+    return out, lps
+
+
+PROMPTS = [[1, 5, 9, 14, 3], [1, 40], [1, 22, 7, 60, 61, 62, 63, 64, 70], [1, 33, 33]]
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.8, 0.9), (1.0, 1.0), (0.6, 0.3), (0.0, 0.9)])
+def test_same_seed_same_tokens_and_logprobs_as_meta(llm, temperature, top_p):
+    ours, our_lps = llm.generate(PROMPTS, 20, temperature, top_p, logprobs=True)
+    llm.model.setup_cache(4, 48)
+    theirs, their_lps = meta_reference_generate(llm.model, llm.tokenizer, PROMPTS, 20, temperature, top_p, seed=7)
+    assert ours == theirs
+    for a, b in zip(our_lps, their_lps):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert sum(map(len, ours)) >= 40  # enough sampled tokens compared (a row may stop at EOS)
+
+
+def test_sampling_leaves_the_global_rng_alone(llm):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    llm.generate(PROMPTS, 5, temperature=1.0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_greedy_batch_equals_each_prompt_alone(llm):
+    batch, _ = llm.generate(PROMPTS, 12, temperature=0)
+    for prompt, row in zip(PROMPTS, batch):
+        alone, _ = llm.generate([prompt], 12, temperature=0)
+        assert alone == [row]
+
+
+def test_logprobs_score_each_token_given_the_tokens_before_it(llm):
+    out, lps = llm.generate(PROMPTS[:2], 10, temperature=1.0, logprobs=True, echo=True)
+    for toks, probs in zip(out, lps):
+        x = torch.tensor([toks])
+        llm.model.setup_cache(4, 48)
+        logp = torch.log_softmax(llm.model(x, 0)[0], dim=-1)
+        expected = [0.0] + [logp[i - 1, toks[i]].item() for i in range(1, len(toks))]
+        assert probs == pytest.approx(expected, abs=1e-4)
+
+
+def test_prompt_only_scoring_is_not_off_by_one(make_ckpt):
+    folder, _ = make_ckpt(MHA, 1)
+    llm = LLaMa.build(folder, max_seq_len=6, max_batch_size=2, dtype="float32")
+    prompts = [[1, 10, 20, 30, 40, 50], [1, 11, 21, 31, 41, 51]]  # fill max_seq_len: nothing to generate
+    out, lps = llm.generate(prompts, 4, logprobs=True, echo=True)
+    assert out == prompts
+    logp = torch.log_softmax(LLaMa.build(folder, max_seq_len=6, dtype="float32").model(torch.tensor(prompts), 0), -1)
+    for b, toks in enumerate(prompts):
+        expected = [0.0] + [logp[b, i - 1, toks[i]].item() for i in range(1, 6)]
+        assert lps[b] == pytest.approx(expected, abs=1e-5)
+
+
+def test_rows_stop_at_eos_and_generation_stops_when_all_rows_are_done(llm):
+    calls = []
+
+    def eos_everywhere(module, args, logits):
+        calls.append(args[0].shape)
+        logits[..., llm.tokenizer.eos_id] = 1e4
+        return logits
+
+    hook = llm.model.register_forward_hook(eos_everywhere)
+    out, _ = llm.generate([[1, 5, 6], [1, 7]], 10, temperature=0)
+    hook.remove()
+    assert out == [[], []]
+    # Steps at positions 2 (row 1's EOS) and 3 (row 0's EOS); then every row is done.
+    assert len(calls) == 2
+
+
+def test_max_gen_len_cuts_each_row_from_its_own_prompt(llm):
+    out, _ = llm.generate([[1, 5], [1, 5, 6, 7, 8, 9]], 3, temperature=0)
+    assert [len(t) for t in out] == [3, 3]
+
+
+def test_text_completion_returns_tokens_texts_and_logprobs(llm):
+    result = llm.text_completion(["the king", "gold"], temperature=0, max_gen_len=6, logprobs=True)
+    tokens, texts = result
+    assert isinstance(result, Completions) and result.tokens is tokens and result.texts is texts
+    assert texts == [llm.tokenizer.decode(t) for t in tokens]
+    assert [len(p) for p in result.logprobs] == [len(t) for t in tokens]
+    assert llm.text_completion(["the king"], temperature=0, max_gen_len=6).logprobs is None
+    echo_tokens, _ = llm.text_completion(["the king"], temperature=0, max_gen_len=6, echo=True)
+    assert echo_tokens[0] == llm.tokenizer.encode("the king", bos=True, eos=False) + tokens[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompt_tokens=[[1]] * 5), "5 prompts but max_batch_size=4"),
+        (dict(prompt_tokens=[[1] * 50]), "prompt 0 has 50 tokens, 2 more than max_seq_len=48"),
+        (dict(prompt_tokens=[]), "no prompts"),
+        (dict(prompt_tokens=[[1], []]), "prompt 1 has no tokens"),
+        (dict(temperature=-0.1), "temperature=-0.1"),
+        (dict(top_p=0.0), r"top_p=0.0 is outside \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p=1.5 is outside \(0, 1\]"),
+        (dict(max_gen_len=0), "max_gen_len=0"),
+    ],
+)
+def test_bad_generation_arguments_are_clear_errors(llm, kwargs, match):
+    args = dict(prompt_tokens=[[1, 2]], max_gen_len=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        llm.generate(**args)
+
+
+def test_text_completion_wants_a_list(llm):
+    with pytest.raises(TypeError, match=r"wrap a single prompt as \[prompt\]"):
+        llm.text_completion("the king")
+
+
+def test_random_weights_from_a_preset_without_a_checkpoint(sp_model_path, tmp_path, monkeypatch):
+    import llama.generation
+
+    assert llama.generation.preset_args("llama-2-7b").dim == 4096
+    monkeypatch.setattr(llama.generation, "PRESETS_DIR", tmp_path)  # a 7B is too big for a unit test
+    (tmp_path / "tiny.json").write_text('{"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": -1}')
+    llm = LLaMa.build("tiny", tokenizer_path=sp_model_path, load_model=False, max_seq_len=4)
+    assert llm.model.params.dim == 32 and llm.model.vocab_size == 96
+    assert len(llm.generate([[1, 2]], 2, temperature=0)[0][0]) == 2
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint folder nor a preset; presets: .*llama-2-7b"):
+        LLaMa.build("llama-9", load_model=False)
+    with pytest.raises(ValueError, match="vocab_size -1, which is taken from the tokenizer"):
+        LLaMa.build("llama-2-7b", load_model=False)
+
+
+def test_random_weights_from_a_folder_are_seeded(make_ckpt):
+    folder, _ = make_ckpt(MHA, 1)
+    a = LLaMa.build(folder, load_model=False, dtype="float32", max_seq_len=8, seed=3)
+    b = LLaMa.build(folder, load_model=False, dtype="float32", max_seq_len=8, seed=3)
+    assert torch.equal(a.model.output.weight, b.model.output.weight)
+    assert a.generate([[1, 2]], 4, temperature=0) == b.generate([[1, 2]], 4, temperature=0)
