@@ -20,6 +20,7 @@ from llama.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "params"
+BUILTIN_MODEL = Path(__file__).resolve().parent / "models" / "shakespeare"
 
 
 class Completions(tuple):
@@ -60,7 +61,7 @@ class LLaMa:
 
     @staticmethod
     def build(
-        checkpoints_dir: str | os.PathLike,
+        checkpoints_dir: str | os.PathLike | None = None,
         tokenizer_path: str | os.PathLike | None = None,
         load_model: bool = True,
         max_seq_len: int = 2048,
@@ -69,15 +70,15 @@ class LLaMa:
         dtype: str | torch.dtype | None = None,
         seed: int = 1,
     ) -> "LLaMa":
-        """Load a Meta checkpoint folder (any number of shards) onto one device, with its tokenizer.
-
-        load_model=False builds the architecture with random weights, from a folder's
-        params.json or a preset name in params/ (e.g. "llama-2-7b").
+        """Load a Meta checkpoint folder (any number of shards; the built-in Shakespeare model when
+        omitted) onto one device, with its tokenizer. load_model=False builds the architecture with
+        random weights, from a folder's params.json or a preset name in params/ ("llama-2-7b").
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        checkpoints_dir = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
         path = Path(checkpoints_dir)
         checkpoint = None
         if load_model:
