@@ -120,7 +120,11 @@ class MetaCheckpoint:
         return sum(s.numel() for s in self.shapes.values()) * dtype.itemsize
 
     def load_into(self, model: Transformer) -> None:
-        """Copy the shards into `model` (allocated, e.g. by to_empty), strictly, shard by shard."""
+        """Fill `model` (allocated, e.g. by to_empty) strictly, shard by shard, then close the shards.
+
+        Each shard is released once copied, so peak memory is the model plus one shard. A single
+        shard already in the model's dtype on the CPU is used in place (mmap, no copy at all).
+        """
         expected = model.state_dict()
         missing, unexpected = sorted(expected.keys() - self.shapes.keys()), sorted(self.shapes.keys() - expected.keys())
         if missing or unexpected:
@@ -131,19 +135,26 @@ class MetaCheckpoint:
                     f"{key}: the checkpoint's shape is {tuple(shape)} but params.json in {self.dir} "
                     f"gives {tuple(expected[key].shape)}"
                 )
+        shards, self.shards = self.shards, []
+        in_place = {}
         with torch.no_grad():
-            for i, shard in enumerate(tqdm(self.shards, desc="loading shards", unit="shard", disable=None)):
+            for i in tqdm(range(len(shards)), desc="loading shards", unit="shard", disable=None):
+                shard, shards[i] = shards[i], None
                 for key, tensor in shard.items():
-                    dim = split_dim(key, tensor.shape, self.args)
                     target = expected[key]
-                    if dim is None:
-                        if i == 0:
-                            target.copy_(tensor)
-                        elif not torch.equal(target, tensor.to(target)):
-                            raise ValueError(f"{self.paths[i]} disagrees with {self.paths[0]} on replicated {key}")
-                    else:
+                    dim = split_dim(key, tensor.shape, self.args)
+                    if len(shards) == 1 and tensor.dtype == target.dtype and target.device.type == "cpu":
+                        in_place[key] = tensor
+                    elif dim is not None:
                         size = tensor.shape[dim]
                         target.narrow(dim, i * size, size).copy_(tensor)
+                    elif i == 0:
+                        target.copy_(tensor)
+                    elif not torch.equal(target, tensor.to(target)):
+                        raise ValueError(f"{self.paths[i]} disagrees with {self.paths[0]} on replicated {key}")
+                del shard
+        if in_place:
+            model.load_state_dict(in_place, strict=True, assign=True)
 
 
 def md5(path: Path) -> str:
