@@ -1,7 +1,8 @@
 """LLaMA in Meta's checkpoint layout, on any single device: `LLaMa.build(folder).text_completion(...)`."""
 
+from llama.decoding import StreamEvent
 from llama.generation import Completions, LLaMa
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
 
-__all__ = ["Completions", "LLaMa", "ModelArgs", "Transformer", "Tokenizer"]
+__all__ = ["Completions", "LLaMa", "ModelArgs", "StreamEvent", "Transformer", "Tokenizer"]

@@ -6,15 +6,17 @@ forced prompt tokens, per-row EOS). Token tensors are [B, total_len]; pad is the
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llama.checkpoint import MetaCheckpoint, read_params
 from llama.model import ModelArgs, Transformer
 from llama.runtime import check_fits, resolve_device, resolve_dtype
-from llama.sampling import check_sampling, next_token
+from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
+from llama.decoding import Decoded, StreamEvent, decode
+from llama.sampling import Sampler
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ class LLaMa:
         logger.info("built %s on %s in %s: %d params", checkpoints_dir, device, dtype, weight_bytes // dtype.itemsize)
         return LLaMa(model, tokenizer, seed)
 
-    def _check_prompts(self, prompt_tokens: list[list[int]]) -> None:
+    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
         if not prompt_tokens:
             raise ValueError("no prompts: pass at least one")
         if len(prompt_tokens) > self.model.max_batch_size:
@@ -143,8 +145,46 @@ class LLaMa:
                     f"prompt {i} has {len(t)} tokens, {len(t) - self.model.max_seq_len} more than "
                     f"max_seq_len={self.model.max_seq_len}: shorten it or build with a larger max_seq_len"
                 )
+        if max_gen_len < 1:
+            raise ValueError(f"max_gen_len={max_gen_len}: ask for at least 1 new token")
+
+    def _decode(self, prompt_tokens, max_gen_len, sampling: dict, logprobs=False, want_text=False, stop=None):
+        """Validate everything up front, then return the decoding generator (see decoding.decode)."""
+        self._check_prompts(prompt_tokens, max_gen_len)
+        sampler = Sampler(**sampling)
+        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
+            raise ValueError(f"stop={stop!r}: pass a list of non-empty strings")
+        return decode(self.model, self.tokenizer, prompt_tokens, max_gen_len, sampler, self.generator,
+                      logprobs, want_text, list(stop or []))  # fmt: skip
 
     @torch.inference_mode()
+    def _complete(self, prompt_tokens, max_gen_len, sampling, logprobs, echo, stop) -> Completions:
+        """Run to the end; cut each row as Meta does (prompt unless echo, first EOS)."""
+        steps = self._decode(prompt_tokens, max_gen_len, sampling, logprobs, stop=stop)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as finished:
+                result: Decoded = finished.value
+                break
+        eos_id = self.tokenizer.eos_id
+        out_tokens, out_logprobs, texts = [], [], []
+        for i, toks in enumerate(result.tokens):
+            start = 0 if echo else len(prompt_tokens[i])
+            toks, probs = toks[start:], result.logprobs[i][start:] if logprobs else None
+            if eos_id in toks:
+                toks = toks[: toks.index(eos_id)]
+                probs = probs[: len(toks)] if logprobs else None
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+            if result.texts is None:
+                texts.append(self.tokenizer.decode(toks))
+            elif echo:
+                texts.append(self.tokenizer.decode(prompt_tokens[i]) + result.texts[i])
+            else:
+                texts.append(result.texts[i])
+        return Completions(out_tokens, texts, out_logprobs if logprobs else None)
+
     def generate(
         self,
         prompt_tokens: list[list[int]],
@@ -153,65 +193,24 @@ class LLaMa:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
-        """Complete each prompt with at most max_gen_len tokens, stopping a row at its first EOS.
+        """Meta's generate: complete each prompt with at most max_gen_len ids, cut at the first EOS.
 
         Logprob i scores token i given the tokens before it (0.0 for a row's first token).
+        top_k, repetition_penalty and stop strings are off by default, leaving Meta's draws.
         """
-        self._check_prompts(prompt_tokens)
-        check_sampling(temperature, top_p)
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len={max_gen_len}: ask for at least 1 new token")
-        bsz = len(prompt_tokens)
-        min_prompt_len = min(len(t) for t in prompt_tokens)
-        max_prompt_len = max(len(t) for t in prompt_tokens)
-        total_len = min(self.model.max_seq_len, max_gen_len + max_prompt_len)
-        pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+        done = self._complete(prompt_tokens, max_gen_len, sampling, logprobs, echo, stop)
+        return done.tokens, done.logprobs
 
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=self.device)
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
-        token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
-        prev_pos = 0
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        input_text_mask = tokens != pad_id
-        if min_prompt_len == total_len:
-            # Nothing to generate: score the prompts. Logits at i predict token i + 1 (Meta's
-            # code compares them with token i, one position off).
-            logits = self.model(tokens, prev_pos)
-            if logprobs:
-                token_logprobs[:, 1:] = -F.cross_entropy(
-                    logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad_id
-                )
-
-        for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos)
-            token = next_token(logits[:, -1], temperature, top_p, self.generator)
-            # Rows still inside their prompt take the prompt's token, not the sample.
-            token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], token)
-            tokens[:, cur_pos] = token
-            if logprobs:
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=pad_id
-                )
-            eos_reached |= (~input_text_mask[:, cur_pos]) & (token == eos_id)
-            prev_pos = cur_pos
-            if all(eos_reached):
-                break
-
-        token_logprobs = token_logprobs.tolist() if logprobs else None
-        out_tokens, out_logprobs = [], []
-        for i, toks in enumerate(tokens.tolist()):
-            start = 0 if echo else len(prompt_tokens[i])
-            end = len(prompt_tokens[i]) + max_gen_len
-            toks = toks[start:end]
-            probs = token_logprobs[i][start:end] if logprobs else None
-            if eos_id in toks:
-                toks = toks[: toks.index(eos_id)]
-                probs = probs[: len(toks)] if logprobs else None
-            out_tokens.append(toks)
-            out_logprobs.append(probs)
-        return out_tokens, (out_logprobs if logprobs else None)
+    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts is a list of strings: wrap a single prompt as [prompt]")
+        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
     def text_completion(
         self,
@@ -221,12 +220,76 @@ class LLaMa:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
     ) -> Completions:
-        """Complete each prompt (BOS + text); returns (generated ids, texts), plus .logprobs."""
-        if isinstance(prompts, str):
-            raise TypeError("prompts is a list of strings: wrap a single prompt as [prompt]")
-        if max_gen_len is None:
-            max_gen_len = self.model.max_seq_len - 1
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, probs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        return Completions(tokens, [self.tokenizer.decode(t) for t in tokens], probs)
+        """Complete each prompt (BOS + text); returns (generated ids, texts), plus .logprobs.
+
+        max_gen_len=None allows up to max_seq_len - 1 new tokens, as in Meta's code.
+        """
+        prompt_tokens = self._encode_prompts(prompts)
+        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+        return self._complete(prompt_tokens, max_gen_len, sampling, logprobs, echo, stop)
+
+    def stream(
+        self,
+        prompts: list[str] | list[list[int]],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        *,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Yield StreamEvent(index, text, done) as each row's text is completed; the texts of a
+        row concatenate to text_completion's text for it. Prompts are strings or token id lists."""
+        is_ids = bool(prompts) and not isinstance(prompts, str) and all(isinstance(p, list) for p in prompts)
+        prompt_tokens = prompts if is_ids else self._encode_prompts(prompts)
+        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+        steps = self._decode(prompt_tokens, max_gen_len, sampling, want_text=True, stop=stop)
+
+        def events() -> Iterator[StreamEvent]:
+            with torch.inference_mode():
+                for step in steps:
+                    yield from step
+
+        return events()
+
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        *,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
+    ) -> list[dict]:
+        """Meta's chat_completion for Llama 2 chat models: [{"generation": {"role": "assistant",
+        "content": ...}}, ...] (with "tokens" and "logprobs" when logprobs). A dialog containing
+        the format's special tags gets Meta's error reply without being generated."""
+        if not dialogs:
+            raise ValueError("no dialogs: pass at least one")
+        for i, dialog in enumerate(dialogs):
+            check_dialog(dialog, i)
+        safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog)]
+        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+        replies = [(UNSAFE_ERROR, [], [])] * len(dialogs)
+        if safe:
+            prompt_tokens = [encode_dialog(self.tokenizer, dialogs[i]) for i in safe]
+            done = self._complete(prompt_tokens, max_gen_len, sampling, logprobs, False, stop)
+            for j, i in enumerate(safe):
+                replies[i] = (done.texts[j], done.tokens[j], done.logprobs[j] if logprobs else [])
+        out = []
+        for text, tokens, probs in replies:
+            item = {"generation": {"role": "assistant", "content": text}}
+            out.append(item | ({"tokens": tokens, "logprobs": probs} if logprobs else {}))
+        return out

@@ -1,7 +1,9 @@
-"""Choosing the next token from logits: Meta's temperature + top-p, drawn from an owned generator.
-
-Logits are [B, vocab] float32 for the last position of each row; the result is [B] token ids.
+"""Choosing the next token: Meta's temperature + top-p, plus top-k and a repetition penalty that
+are off by default (so, unused, the draws are exactly Meta's). Logits are [B, vocab] float32 for
+the last position of each row; history is [B, S] ids so far (pad ids < 0 are ignored).
 """
+
+from dataclasses import dataclass
 
 import torch
 
@@ -21,16 +23,45 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(probs_idx, -1, next_token)
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy at temperature 0, else softmax(logits / temperature) then top-p, as Meta does."""
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p, generator).reshape(-1)
-    return torch.argmax(logits, dim=-1).reshape(-1)
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: every token already in the row is made less likely (positive logits are
+    divided by the penalty, negative ones multiplied), however often it occurred."""
+    counts = torch.zeros_like(logits, dtype=torch.int32)
+    counts.scatter_add_(1, history.clamp(min=0), (history >= 0).int())
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(counts > 0, penalized, logits)
 
 
-def check_sampling(temperature: float, top_p: float) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature}: use 0 for greedy decoding or a positive value")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} is outside (0, 1]: 1 disables nucleus sampling, Meta's default is 0.9")
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set all but the k largest logits of each row to -inf (ties with the k-th are kept)."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+@dataclass(frozen=True)
+class Sampler:
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature}: use 0 for greedy decoding or a positive value")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is outside (0, 1]: 1 disables nucleus sampling, Meta's default is 0.9")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k!r}: use a positive int, or None to keep every token")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: use 1.0 for none, or e.g. 1.1-1.3")
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """[B] next ids: greedy at temperature 0, else softmax(logits / temperature) and top-p."""
+        if self.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, history, self.repetition_penalty)
+        if self.top_k is not None:
+            logits = keep_top_k(logits, self.top_k)
+        if self.temperature > 0:
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+            return sample_top_p(probs, self.top_p, generator).reshape(-1)
+        return torch.argmax(logits, dim=-1).reshape(-1)

@@ -44,3 +44,34 @@ class Tokenizer:
 
     def decode(self, t: list[int]) -> str:
         return self.sp_model.decode(t)
+
+
+class StreamDecoder:
+    """Incremental decoding of one row: `push(id)` returns the text that id completes.
+
+    Decoding a lone piece drops SentencePiece's leading-space marker and a lone byte piece is
+    not a character, so each step decodes a short window that starts one token back and takes
+    the difference; a window ending in U+FFFD (an unfinished UTF-8 sequence) waits for more.
+    The pieces returned always concatenate to decode(all ids pushed so far), minus any wait.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] was decoded last; ids[read:] is new
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back (a trailing U+FFFD that no later byte will complete)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]

@@ -1,0 +1,128 @@
+"""Streaming: incremental text equals decode of all ids at every step; stop strings; stream ==
+text_completion. Uses the real Llama 2 tokenizer where byte pieces and spaces matter."""
+
+import pytest
+import torch
+
+from conftest import GQA, needs_shared
+from llama import LLaMa, StreamEvent, Tokenizer
+from llama.tokenizer import StreamDecoder
+
+TEXTS = [
+    "Hello world, this is  a test.\n\nNew paragraph\twith a tab.",
+    "Price: 5€ or 7 £ — naïve café",
+    "Emoji 🦙🔥 and a family 👨‍👩‍👧 in a row",
+    "中文字符和日本語のテキスト、한국어 텍스트",
+    "   leading spaces and trailing   ",
+    "\n\nstarts with newlines",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_equals_decode_of_every_prefix(text):
+    tok = Tokenizer(needs_shared("tokenizer.model"))
+    ids = tok.encode(text, bos=False, eos=False)
+    dec, streamed = StreamDecoder(tok), ""
+    for k, i in enumerate(ids, 1):
+        streamed += dec.push(i)
+        full = tok.decode(ids[:k])
+        # Equal whenever the prefix ends on a whole character; never ahead of it.
+        assert full.startswith(streamed)
+        if not full.endswith("\ufffd"):
+            assert streamed == full
+    streamed += dec.flush()
+    assert streamed == tok.decode(ids) == text
+
+
+def test_the_texts_exercise_byte_pieces_and_space_markers():
+    tok = Tokenizer(needs_shared("tokenizer.model"))
+    pieces = [tok.sp_model.id_to_piece(i) for t in TEXTS for i in tok.encode(t, bos=False, eos=False)]
+    assert sum(p.startswith("<0x") for p in pieces) >= 20 and sum(p.startswith("\u2581") for p in pieces) >= 10
+
+
+def test_stream_decoder_work_per_token_is_bounded():
+    tok = Tokenizer(needs_shared("tokenizer.model"))
+    decoded_lengths = []
+
+    class Counting:
+        def decode(self, ids):
+            decoded_lengths.append(len(ids))
+            return tok.decode(ids)
+
+    dec = StreamDecoder(Counting())
+    for i in tok.encode(" ".join(TEXTS) * 5, bos=False, eos=False):
+        dec.push(i)
+    assert max(decoded_lengths) <= 8  # a short window each step, never the whole text
+
+
+@pytest.fixture
+def llm(make_ckpt) -> LLaMa:
+    folder, _ = make_ckpt(GQA, 2)
+    return LLaMa.build(folder, max_seq_len=64, max_batch_size=3, dtype="float32", seed=5)
+
+
+def collect(events) -> tuple[list[str], list[int]]:
+    texts, done_count = ["", "", ""], [0, 0, 0]
+    for e in events:
+        assert isinstance(e, StreamEvent) and done_count[e.index] == 0  # nothing after done
+        texts[e.index] += e.text
+        done_count[e.index] += e.done
+    return texts, done_count
+
+
+def test_stream_equals_text_completion_with_the_same_seed(make_ckpt):
+    folder, _ = make_ckpt(GQA, 2)
+    prompts = ["the king", "a far land of gold and", "war"]
+    a = LLaMa.build(folder, max_seq_len=64, max_batch_size=3, dtype="float32", seed=5)
+    b = LLaMa.build(folder, max_seq_len=64, max_batch_size=3, dtype="float32", seed=5)
+    _, expected = a.text_completion(prompts, temperature=1.0, top_p=0.95, max_gen_len=20)
+    texts, done = collect(b.stream(prompts, temperature=1.0, top_p=0.95, max_gen_len=20))
+    assert texts == expected and done == [1, 1, 1]
+    assert sum(map(len, texts)) > 30
+
+
+def scripted(llm: LLaMa, rows: list[list[int]]) -> None:
+    """Make greedy decoding emit the given ids for each row, step by step (a hand-made model)."""
+    step = [0]
+
+    def hook(module, args, logits):
+        logits = torch.full_like(logits, -1e4)
+        for b, row in enumerate(rows):
+            logits[b, -1, row[min(step[0], len(row) - 1)]] = 0
+        step[0] += 1
+        return logits
+
+    llm.model.register_forward_hook(hook)
+
+
+def test_stop_strings_end_the_row_and_are_cut_off(llm):
+    tok = llm.tokenizer
+    rows = [tok.encode(" the king and the queen of war", False, False), tok.encode(" bread and wine", False, False)]
+    scripted(llm, rows)
+    tokens, texts = llm.text_completion(["x", "y"], temperature=0, max_gen_len=len(rows[0]), stop=["queen", "wine"])
+    assert texts[0] == tok.decode(rows[0]).split("queen")[0]
+    assert texts[1] == tok.decode(rows[1]).split("wine")[0]
+    assert tok.decode(tokens[0]).startswith(texts[0] + "q") and len(tokens[0]) < len(rows[0])
+
+
+def test_streamed_text_never_shows_part_of_a_stop_string(llm):
+    tok = llm.tokenizer
+    rows = [tok.encode(" the king and the queen", False, False)] * 2
+    scripted(llm, rows)
+    events = list(llm.stream(["x", "y"], temperature=0, max_gen_len=20, stop=["the queen", "and the kingdom"]))
+    texts, done = collect(events)
+    assert texts[0] == texts[1] == tok.decode(rows[0]).split("the queen")[0] and done[:2] == [1, 1]
+    # " and the k..." could have become "and the kingdom": held back until it could not.
+    shown = "".join(e.text for e in events if e.index == 0 and not e.done)
+    assert "the queen"[:3] not in shown[len(texts[0]) - 1 :]
+
+
+@pytest.mark.parametrize("stop, match", [("queen", "list of non-empty strings"), ([""], "non-empty")])
+def test_bad_stop_values(llm, stop, match):
+    with pytest.raises(ValueError, match=match):
+        llm.text_completion(["x"], stop=stop)
+
+
+def test_stream_validates_before_the_first_event(llm):
+    with pytest.raises(ValueError, match="4 prompts but max_batch_size=3"):
+        llm.stream(["a"] * 4)
