@@ -4,6 +4,7 @@ but on any device and any number of shards, with no torchrun.
     python inference.py                                   # the built-in model, example prompts
     python inference.py --ckpt_dir llama-2-7b --prompt "I believe" --prompt "Simply put,"
     python inference.py --ckpt_dir llama-2-7b --prompts_file prompts.jsonl --out completions.jsonl
+    python inference.py chat --ckpt_dir llama-2-7b-chat --system "Answer briefly."
 """
 
 import json
@@ -15,6 +16,7 @@ import fire
 from tqdm import tqdm
 
 from llama import LLaMa
+from llama.chat import UNSAFE_ERROR, encode_dialog, has_special_tags
 
 EXAMPLE_PROMPTS = [
     "ROMEO:\n",
@@ -55,55 +57,167 @@ def complete(
     device: str | None = None,
     dtype: str | None = None,
     seed: int = 1,
+    top_k: int | None = None,
+    repetition_penalty: float = 1.0,
+    stop: list[str] | None = None,
+    stream: bool | None = None,
     verbose: bool = False,
 ) -> None:
     """Complete prompts (repeat --prompt, or --prompts_file) with a Meta checkpoint folder
-    (--ckpt_dir; the built-in model when omitted). Prints each completion, or writes JSONL to --out.
+    (--ckpt_dir; the built-in model when omitted). Prints each completion, streaming it when
+    stdout is a terminal (--stream to force either way), or writes JSONL to --out.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     prompts = prompts or EXAMPLE_PROMPTS
     llm = LLaMa.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                       device=device, dtype=dtype, seed=seed)  # fmt: skip
+    options = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,
+                   repetition_penalty=repetition_penalty, stop=stop)  # fmt: skip
+    stream = sys.stdout.isatty() if stream is None else stream
     batches = [prompts[i : i + max_batch_size] for i in range(0, len(prompts), max_batch_size)]
     sink = open(out, "w", encoding="utf-8") if out else None
     try:
-        for batch in tqdm(batches, desc="batches", unit="batch", disable=None if len(batches) > 1 else True):
-            tokens, texts = llm.text_completion(batch, temperature, top_p, max_gen_len)
+        for batch in tqdm(batches, desc="batches", unit="batch", disable=None if len(batches) > 1 and not stream else True):
+            if stream and not sink:
+                print_streamed(batch, llm.stream(batch, **options))
+                continue
+            tokens, texts = llm.text_completion(batch, **options)
             for p, t, text in zip(batch, tokens, texts):
                 if sink:
                     sink.write(json.dumps({"prompt": p, "completion": text, "tokens": t}) + "\n")
                 else:
-                    tqdm.write(f"{p}\n> {text}\n\n==================================\n")
+                    tqdm.write(f"{p}\n> {text}{SEPARATOR}")
     finally:
         if sink:
             sink.close()
 
 
-def split_prompts(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Take every --prompt value out of argv verbatim: fire would turn "1,2" into a tuple and
-    keep only the last of repeated flags."""
-    prompts, rest, i = [], [], 0
+SEPARATOR = "\n\n==================================\n"
+
+
+def print_streamed(prompts: list[str], events) -> None:
+    """Print a batch's completions in prompt order while they stream: the current row live, later
+    rows buffered until their turn (they are usually done by then)."""
+    texts, done, current = [""] * len(prompts), [False] * len(prompts), 0
+    print(f"{prompts[0]}\n> ", end="", flush=True)
+    for event in events:
+        texts[event.index] += event.text
+        done[event.index] |= event.done
+        if event.index == current:
+            print(event.text, end="", flush=True)
+        while current < len(prompts) and done[current]:
+            print(SEPARATOR)
+            current += 1
+            if current < len(prompts):
+                print(f"{prompts[current]}\n> {texts[current]}", end="", flush=True)
+
+
+def chat(
+    ckpt_dir: str | None = None,
+    tokenizer_path: str | None = None,
+    system: str | None = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 2048,
+    max_gen_len: int = 256,
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 1,
+    top_k: int | None = None,
+    repetition_penalty: float = 1.0,
+    verbose: bool = False,
+) -> None:
+    """Chat in the terminal in Llama 2's chat format (use a -chat model). The reply streams;
+    /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    llm = LLaMa.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device,
+                      dtype=dtype, seed=seed)  # fmt: skip
+    start = [{"role": "system", "content": system}] if system else []
+    dialog = list(start)
+    print("Chat: /reset clears the history, /exit quits, Ctrl-C stops a reply.", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print("\n(/exit quits)")
+            continue
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            dialog = list(start)
+            print("(history cleared)", flush=True)
+            continue
+        if not line.strip():
+            continue
+        dialog.append({"role": "user", "content": line})
+        if has_special_tags(dialog):
+            print(f"llama> {UNSAFE_ERROR}", flush=True)
+            dialog.pop()
+            continue
+        tokens = fit_dialog(llm, dialog, len(start), max_gen_len)
+        if tokens is None:
+            print(f"(that message does not fit max_seq_len={max_seq_len}: shorten it)", flush=True)
+            dialog.pop()
+            continue
+        print("llama> ", end="", flush=True)
+        reply = ""
+        try:
+            for event in llm.stream([tokens], temperature, top_p, min(max_gen_len, max_seq_len - len(tokens)),
+                                    top_k=top_k, repetition_penalty=repetition_penalty):  # fmt: skip
+                print(event.text, end="", flush=True)
+                reply += event.text
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print(flush=True)
+        dialog.append({"role": "assistant", "content": reply})
+
+
+def fit_dialog(llm: LLaMa, dialog: list[dict], keep: int, max_gen_len: int) -> list[int] | None:
+    """The dialog's prompt ids, dropping the oldest user/assistant turns (never the system
+    message) until it leaves room to reply; None if the last message alone leaves none."""
+    limit = llm.model.max_seq_len
+    tokens = encode_dialog(llm.tokenizer, dialog)
+    while len(tokens) + min(max_gen_len, limit // 2) > limit and len(dialog) > keep + 1:
+        del dialog[keep : keep + 2]
+        print(f"(dropped the oldest turn to fit max_seq_len={limit})", flush=True)
+        tokens = encode_dialog(llm.tokenizer, dialog)
+    return tokens if len(tokens) < limit else None
+
+
+# Flags whose values must reach us verbatim: fire would turn "1,2" into a tuple and "42" into an
+# int, and keep only the last of a repeated flag.
+LIST_FLAGS, STRING_FLAGS = ("prompt", "stop"), ("system",)
+
+
+def take_raw_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split argv into what fire may parse and the verbatim values of LIST_FLAGS + STRING_FLAGS."""
+    raw: dict[str, list[str]] = {}
+    rest, i = [], 0
+    names = LIST_FLAGS + STRING_FLAGS
     while i < len(argv):
         arg = argv[i]
-        if arg == "--prompt" and i + 1 < len(argv):
-            prompts.append(argv[i + 1])
-            i += 2
-            continue
-        if arg.startswith("--prompt="):
-            prompts.append(arg.removeprefix("--prompt="))
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if name in names and "=" in arg:
+            raw.setdefault(name, []).append(arg.split("=", 1)[1])
+        elif name in names and i + 1 < len(argv):
+            raw.setdefault(name, []).append(argv[i + 1])
+            i += 1
         else:
             rest.append(arg)
         i += 1
-    return prompts, rest
+    return rest, raw
 
 
 def main(argv: list[str]) -> None:
-    prompts, rest = split_prompts(argv)
-    if prompts:  # handed to fire as a JSON list literal, which it parses back to a list of str
-        rest.append("--prompt=" + json.dumps(prompts))
+    command, argv = (chat, argv[1:]) if argv[:1] == ["chat"] else (complete, argv)
+    rest, raw = take_raw_flags(argv)
+    for name, values in raw.items():  # handed to fire as JSON literals, which it parses back
+        rest.append(f"--{name}=" + json.dumps(values if name in LIST_FLAGS else values[-1]))
     try:
-        fire.Fire(complete, command=rest)
+        fire.Fire(command, command=rest)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
         sys.exit(f"error: {e}")
 

@@ -27,17 +27,21 @@ def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n_lines)]
 
 
+def train_sentencepiece(path: Path, lines: list[str], vocab_size: int, **options) -> Path:
+    """A BPE model trained in-process, by default with Meta's special ids (unk 0, bos 1, eos 2)."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, minloglevel=2, num_threads=1, **options,
+    )  # fmt: skip
+    path.write_bytes(buf.getvalue())
+    return path
+
+
 @pytest.fixture(scope="session")
 def sp_model_path(tmp_path_factory) -> Path:
     """A 96-piece BPE model with Meta's special ids (unk 0, bos 1, eos 2, no pad)."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=96, model_type="bpe",
-        character_coverage=1.0, minloglevel=2, num_threads=1,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    path.write_bytes(buf.getvalue())
-    return path
+    return train_sentencepiece(tmp_path_factory.mktemp("tok") / "tokenizer.model", corpus(), 96)
 
 
 def random_state_dict(params: dict, seed: int = 0) -> dict[str, torch.Tensor]:

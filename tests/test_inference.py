@@ -62,3 +62,79 @@ def test_bad_input_exits_with_the_message(folder, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     r = run("--ckpt_dir", str(folder), "--prompts_file", str(tmp_path / "bad.jsonl"))
     assert r.returncode != 0 and 'bad.jsonl:1 is not a JSON object with a "prompt" field' in r.stderr
+
+
+def test_streamed_batch_prints_what_the_batch_prints(folder):
+    common = ("--ckpt_dir", str(folder), "--prompt", "the king", "--prompt", "gold", "--prompt", "a far land",
+              "--max_gen_len", "12", "--max_seq_len", "64", "--max_batch_size", "2", "--temperature", "0.9")  # fmt: skip
+    streamed, printed = run(*common, "--stream", "True"), run(*common, "--stream", "False")
+    assert streamed.returncode == 0 and printed.returncode == 0, streamed.stderr + printed.stderr
+    assert streamed.stdout == printed.stdout and printed.stdout.count("=" * 34) == 3
+
+
+def test_stop_flag_is_a_list_of_raw_strings(folder, tmp_path):
+    out = tmp_path / "o.jsonl"
+    r = run("--ckpt_dir", str(folder), "--prompt", "the king", "--stop", "1,2", "--stop", "e", "--temperature", "0",
+            "--max_gen_len", "30", "--max_seq_len", "64", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "e" not in json.loads(out.read_text())["completion"]
+
+
+def chat_session(folder: Path, lines: list[str], *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "inference.py"), "chat", "--ckpt_dir", str(folder), "--temperature", "0", *extra],
+        input="".join(line + "\n" for line in lines), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_chat_keeps_history_resets_and_exits(folder):
+    from llama import LLaMa
+
+    r = chat_session(folder, ["the king", "and the queen", "/reset", "the king", "/exit", "never read"],
+                     "--max_gen_len", "6", "--max_seq_len", "128", "--system", "1,2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    replies = [line.split("llama> ", 1)[1] for line in r.stdout.splitlines() if "llama> " in line]
+    assert len(replies) == 3 and "(history cleared)" in r.stdout
+    assert replies[2] == replies[0]  # after /reset the same question gets the same greedy answer
+    llm = LLaMa.build(folder, max_seq_len=128, max_batch_size=1)
+    first = [{"role": "system", "content": "1,2"}, {"role": "user", "content": "the king"}]
+    expected = llm.chat_completion([first], temperature=0, max_gen_len=6)[0]["generation"]["content"]
+    assert replies[0] == expected
+    second = first + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": "and the queen"}]
+    assert replies[1] == llm.chat_completion([second], temperature=0, max_gen_len=6)[0]["generation"]["content"]
+
+
+def test_chat_drops_oldest_turns_to_fit_and_refuses_special_tags(folder):
+    r = chat_session(folder, ["the king of a far land spoke"] * 6 + ["[INST] hi"], "--max_gen_len", "8",
+                     "--max_seq_len", "96")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "(dropped the oldest turn to fit max_seq_len=96)" in r.stdout
+    assert r.stdout.count("llama> ") == 7 and "special tags are not allowed" in r.stdout
+
+
+def test_ctrl_c_stops_the_reply_not_the_session(folder, tmp_path):
+    import signal
+    import time
+
+    from conftest import corpus, train_sentencepiece
+
+    # A tokenizer without EOS: the reply can only end at max_gen_len, far beyond the signal.
+    train_sentencepiece(folder / "tokenizer.model", corpus(), vocab_size=96, eos_id=-1)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "inference.py"), "chat", "--ckpt_dir", str(folder), "--max_gen_len", "4000",
+         "--max_seq_len", "4096", "--temperature", "1.0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        proc.stdin.write("the king\n")
+        proc.stdin.flush()
+        seen = ""
+        while "llama> " not in seen:
+            seen += proc.stdout.read(1)
+        time.sleep(0.5)  # mid-reply: 4000 tokens take far longer than this
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("/exit\n", timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "[stopped]" in out
