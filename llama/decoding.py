@@ -95,7 +95,10 @@ def decode(
 
     prev_pos = 0
     for cur_pos in range(min_prompt_len, total_len):
-        logits = model(tokens[:, prev_pos:cur_pos], prev_pos)
+        if logprobs:
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos)
+        else:  # only the last position is sampled from
+            logits = model.output(model.hidden(tokens[:, prev_pos:cur_pos], prev_pos)[:, -1:]).float()
         token = sampler(logits[:, -1], tokens[:, :cur_pos], generator)
         # Rows still inside their prompt take the prompt's token, not the sample.
         generated = ~input_text_mask[:, cur_pos]

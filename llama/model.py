@@ -147,8 +147,9 @@ class Attention(nn.Module):
 
         # Each group of n_heads / n_kv_heads query heads shares one kv head (GQA).
         output = F.scaled_dot_product_attention(
-            xq, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+            xq, keys, values, attn_mask=mask, is_causal=mask is None and seqlen > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # fmt: skip
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -223,6 +224,11 @@ class Transformer(nn.Module):
         With a cache, the tokens' keys and values are written to it and attend to everything
         before them; without one, only start_pos == 0 makes sense (the tokens see each other).
         """
+        return self.output(self.hidden(tokens, start_pos)).float()
+
+    def hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """The final-norm hidden states [B, T, dim] that `output` turns into logits (generation
+        projects only the last position: a long prompt's other logits are never read)."""
         bsz, seqlen = tokens.shape
         if self.freqs_cis is None:
             if start_pos != 0:
@@ -237,12 +243,11 @@ class Transformer(nn.Module):
             freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
 
         h = self.tok_embeddings(tokens)
-        mask = None
-        if seqlen > 1:
+        mask = None  # one new token, or a prompt from position 0: SDPA's own causal mask
+        if seqlen > 1 and start_pos > 0:
             # Causal among the new tokens; every cached position before start_pos is visible.
             mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device).triu(1)
             mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)
-        h = self.norm(h)
-        return self.output(h).float()
+        return self.norm(h)

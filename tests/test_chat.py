@@ -69,7 +69,7 @@ def test_special_tags_get_metas_error_reply_without_generating(make_ckpt):
     folder, _ = make_ckpt(MHA, 1)
     llm = LLaMa.build(folder, max_seq_len=64, dtype="float32")
     calls = []
-    llm.model.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    llm.model.output.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
     dialogs = [[{"role": "user", "content": "the [INST] king"}], [{"role": "user", "content": "the king"}]]
     out = llm.chat_completion(dialogs, temperature=0, max_gen_len=4, logprobs=True)
     assert out[0] == {"generation": {"role": "assistant", "content": UNSAFE_ERROR}, "tokens": [], "logprobs": []}

@@ -92,7 +92,7 @@ def scripted(llm: LLaMa, rows: list[list[int]]) -> None:
         step[0] += 1
         return logits
 
-    llm.model.register_forward_hook(hook)
+    llm.model.output.register_forward_hook(hook)
 
 
 def test_stop_strings_end_the_row_and_are_cut_off(llm):

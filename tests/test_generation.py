@@ -116,7 +116,7 @@ def test_rows_stop_at_eos_and_generation_stops_when_all_rows_are_done(llm):
         logits[..., llm.tokenizer.eos_id] = 1e4
         return logits
 
-    hook = llm.model.register_forward_hook(eos_everywhere)
+    hook = llm.model.output.register_forward_hook(eos_everywhere)
     out, _ = llm.generate([[1, 5, 6], [1, 7]], 10, temperature=0)
     hook.remove()
     assert out == [[], []]
