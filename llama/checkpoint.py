@@ -40,6 +40,14 @@ def read_params(ckpt_dir: str | os.PathLike) -> ModelArgs:
     return args
 
 
+def find_tokenizer(ckpt_dir: Path) -> Path | None:
+    """Meta's downloads put tokenizer.model in the model folder or in its parent."""
+    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def split_dim(key: str, shape: torch.Size, args: ModelArgs) -> int | None:
     """The dim along which Meta's model parallelism splits `key`, or None if it is replicated."""
     if len(shape) == 1 or key in DROPPED_KEYS:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import MetaCheckpoint, read_params
+from llama.checkpoint import MetaCheckpoint, find_tokenizer, read_params
 from llama.model import ModelArgs, Transformer
 from llama.runtime import check_fits, resolve_device, resolve_dtype
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
@@ -35,14 +35,6 @@ class Completions(tuple):
 
     tokens = property(lambda self: self[0])
     texts = property(lambda self: self[1])
-
-
-def find_tokenizer(ckpt_dir: Path) -> Path | None:
-    """Meta's downloads put tokenizer.model in the model folder or in its parent."""
-    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def preset_args(name: str) -> ModelArgs:

@@ -1,0 +1,1 @@
+"""Converters between Meta's checkpoint layout and other formats."""

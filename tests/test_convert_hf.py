@@ -1,0 +1,167 @@
+"""Hugging Face <-> Meta conversion: exact round trips, and logits equal to transformers' own model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import GQA, MHA, THETA, write_checkpoint
+from llama.convert.hf import config_to_args, ffn_params, hf_folder_to_meta, meta_folder_to_hf, permute_rope
+from llama.generation import LLaMa
+from llama.model import ModelArgs
+
+pytest.importorskip("safetensors")
+REPO = Path(__file__).resolve().parents[1]
+SCALED = dict(THETA, rope_theta=5e5, use_scaled_rope=True, dim=256, n_heads=2, n_kv_heads=1)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+
+
+def our_model(folder: Path):
+    return LLaMa.build(folder, device="cpu", dtype="float32", max_seq_len=32, max_batch_size=2).model
+
+
+def tokens(vocab: int, b: int = 2, t: int = 20) -> torch.Tensor:
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(1))
+
+
+def shards(folder: Path) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(p, weights_only=True) for p in sorted(folder.glob("consolidated.*.pth"))]
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+@pytest.mark.parametrize("params", [MHA, GQA, THETA], ids=["mha", "gqa", "theta1e6"])
+def test_meta_to_hf_to_meta_is_bit_identical(make_ckpt, tmp_path, params, n_shards):
+    folder, _ = make_ckpt(params, n_shards)
+    hf = meta_folder_to_hf(folder, tmp_path / "hf")
+    back = hf_folder_to_meta(hf, tmp_path / "back", n_shards=n_shards)
+    before, after = shards(folder), shards(back)
+    assert len(after) == n_shards
+    for old, new in zip(before, after):
+        assert old.keys() == new.keys()
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    assert json.loads((back / "params.json").read_text()) == ModelArgs.from_params(params).to_params()
+    assert (back / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "params, n_shards", [(MHA, 1), (GQA, 2), (THETA, 2), (SCALED, 1)], ids=["mha", "gqa", "theta1e6", "llama3.1-rope"]
+)
+def test_transformers_loads_our_export_with_equal_logits(make_ckpt, tmp_path, params, n_shards):
+    transformers = pytest.importorskip("transformers")
+    folder, _ = make_ckpt(params, n_shards)
+    hf = meta_folder_to_hf(folder, tmp_path / "hf")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32, attn_implementation="eager")
+    x = tokens(params["vocab_size"])
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=x).logits.float()
+    torch.testing.assert_close(our_model(folder)(x), expected, atol=1e-4, rtol=0)
+
+
+def hf_checkpoint(folder: Path, tokenizer: Path, max_shard_size: str | None = None, **config):
+    """Save a randomly initialised LlamaForCausalLM (random norms too) with the test tokenizer beside it."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, num_hidden_layers=2, rms_norm_eps=1e-5, **config)
+    with torch.random.fork_rng():  # transformers initialises from the global generator
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if p.dim() == 1 else noise * p.shape[-1] ** -0.5)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    (folder / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    return model
+
+
+HF_CASES = {
+    "gqa-sharded": dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                        rope_theta=1e6, max_shard_size="40KB"),
+    "tied": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, tie_word_embeddings=True),
+    "llama3.1-rope": dict(hidden_size=256, intermediate_size=704, num_attention_heads=2, num_key_value_heads=1,
+                          rope_parameters=LLAMA3_ROPE, max_position_embeddings=131072),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_hf_to_meta_gives_transformers_logits(tmp_path, sp_model_path, case):
+    theirs = hf_checkpoint(tmp_path / "hf", sp_model_path, **HF_CASES[case])
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert ("model.safetensors.index.json" in files) == (case == "gqa-sharded")
+    n_shards = 2 if case == "gqa-sharded" else 1
+    meta = hf_folder_to_meta(tmp_path / "hf", tmp_path / "meta", n_shards=n_shards)
+    params = json.loads((meta / "params.json").read_text())
+    assert params.get("use_scaled_rope", False) == (case == "llama3.1-rope")
+    assert ModelArgs.from_params(params).ffn_hidden_dim == HF_CASES[case]["intermediate_size"]
+    x = tokens(96)
+    with torch.no_grad():
+        expected = theirs(input_ids=x).logits.float()
+    torch.testing.assert_close(our_model(meta)(x), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "intermediate_size, dim",
+    [(11008, 4096), (14336, 4096), (5632, 2048), (28672, 8192), (13824, 5120), (8640, 3200), (12345, 4096), (1, 64)],
+)  # fmt: skip
+def test_intermediate_size_maps_to_params_that_reproduce_it(intermediate_size, dim):
+    assert ModelArgs(dim=dim, **ffn_params(intermediate_size, dim)).ffn_hidden_dim == intermediate_size
+
+
+def test_intermediate_size_mapping_prefers_plain_forms_and_refuses_nonsense():
+    assert ffn_params(11008, 4096) == {"multiple_of": 256, "ffn_dim_multiplier": None}  # Llama 2 7B's own
+    assert ffn_params(14336, 4096)["ffn_dim_multiplier"] == 1.3
+    meta_form = {"multiple_of": 48, "ffn_dim_multiplier": 1.3}  # GQA's: an exported config carries it back
+    assert ffn_params(240, 64, meta_form) == meta_form
+    # With multiple_of 1 and a multiplier every positive size can be written; nothing else can.
+    for bad in (0, -11008, 11008.5):
+        with pytest.raises(ValueError, match=rf"intermediate_size={bad} with dim=4096"):
+            ffn_params(bad, 4096)
+
+
+def test_rope_permutation_inverts_exactly():
+    w = torch.randn(4 * 16, 8)
+    assert torch.equal(permute_rope(permute_rope(w, 4), 4, to_hf=False), w)
+    # Head 0's first half holds the first element of each Meta pair.
+    assert torch.equal(permute_rope(w, 4)[:8], w[0:16:2])
+
+
+def test_missing_files_and_foreign_configs_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json in"):
+        hf_folder_to_meta(tmp_path, tmp_path / "out")
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=160,
+                  num_hidden_layers=1, num_attention_heads=4, vocab_size=96)  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="no model.*safetensors in"):
+        hf_folder_to_meta(tmp_path, tmp_path / "out")
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="mistral")))
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        hf_folder_to_meta(tmp_path, tmp_path / "out")
+    with pytest.raises(ValueError, match="LlamaForSequenceClassification"):
+        config_to_args(dict(config, architectures=["LlamaForSequenceClassification"]))
+    with pytest.raises(ValueError, match="rope scaling .*'linear'"):
+        config_to_args(dict(config, rope_scaling={"type": "linear", "factor": 2.0}))
+    with pytest.raises(ValueError, match="rope scaling .*'factor': 4.0"):
+        config_to_args(dict(config, rope_parameters=dict(LLAMA3_ROPE, factor=4.0)))
+    with pytest.raises(ValueError, match="attention_bias=true"):
+        config_to_args(dict(config, attention_bias=True))
+    with pytest.raises(FileNotFoundError, match="no params.json"):
+        meta_folder_to_hf(tmp_path, tmp_path / "hf")
+
+
+def test_cli_round_trip(tmp_path, sp_model_path):
+    write_checkpoint(tmp_path / "meta", GQA, n_shards=2)
+    (tmp_path / "tokenizer.model").write_bytes(sp_model_path.read_bytes())  # Meta's parent-folder layout
+    run = [sys.executable, "-m", "llama.convert.hf"]
+    subprocess.run([*run, "to_hf", tmp_path / "meta", tmp_path / "hf"], cwd=REPO, check=True, capture_output=True)
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+    subprocess.run([*run, "to_meta", tmp_path / "hf", tmp_path / "back", "--n_shards", "2"], cwd=REPO, check=True,
+                   capture_output=True)  # fmt: skip
+    for old, new in zip(shards(tmp_path / "meta"), shards(tmp_path / "back")):
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    failed = subprocess.run([*run, "to_meta", tmp_path / "nowhere", tmp_path / "x"], cwd=REPO, capture_output=True,
+                            text=True)  # fmt: skip
+    assert failed.returncode == 1 and "error: no config.json in" in failed.stderr
