@@ -61,6 +61,7 @@ def complete(
     repetition_penalty: float = 1.0,
     stop: list[str] | None = None,
     stream: bool | None = None,
+    quantize: str | None = None,
     verbose: bool = False,
 ) -> None:
     """Complete prompts (repeat --prompt, or --prompts_file) with a Meta checkpoint folder
@@ -71,7 +72,7 @@ def complete(
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     prompts = prompts or EXAMPLE_PROMPTS
     llm = LLaMa.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                      device=device, dtype=dtype, seed=seed)  # fmt: skip
+                      device=device, dtype=dtype, seed=seed, quantize=quantize)  # fmt: skip
     options = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,
                    repetition_penalty=repetition_penalty, stop=stop)  # fmt: skip
     stream = sys.stdout.isatty() if stream is None else stream
@@ -126,13 +127,14 @@ def chat(
     seed: int = 1,
     top_k: int | None = None,
     repetition_penalty: float = 1.0,
+    quantize: str | None = None,
     verbose: bool = False,
 ) -> None:
     """Chat in the terminal in Llama 2's chat format (use a -chat model). The reply streams;
     /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     llm = LLaMa.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device,
-                      dtype=dtype, seed=seed)  # fmt: skip
+                      dtype=dtype, seed=seed, quantize=quantize)  # fmt: skip
     start = [{"role": "system", "content": system}] if system else []
     dialog = list(start)
     print("Chat: /reset clears the history, /exit quits, Ctrl-C stops a reply.", flush=True)

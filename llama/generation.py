@@ -13,6 +13,7 @@ import torch
 
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, read_params
 from llama.model import ModelArgs, Transformer
+from llama.quantize import SCHEMES, load_quantized, make_quantized, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
 from llama.decoding import Decoded, StreamEvent, decode
@@ -63,19 +64,27 @@ class LLaMa:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         seed: int = 1,
+        quantize: str | None = None,
     ) -> "LLaMa":
         """Load a Meta checkpoint folder (any number of shards; the built-in Shakespeare model when
         omitted) onto one device, with its tokenizer. load_model=False builds the architecture with
         random weights, from a folder's params.json or a preset name in params/ ("llama-2-7b").
+        quantize="int8" | "int4" quantizes the linear layers after loading (see llama.quantize);
+        a folder written by llama.quantize.save_quantized loads already quantized.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")
+        if quantize is not None and quantize not in SCHEMES:
+            raise ValueError(f"quantize={quantize!r}: use one of {', '.join(SCHEMES)}, or None")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         checkpoints_dir = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
         path = Path(checkpoints_dir)
         checkpoint = None
-        if load_model:
+        scheme = read_scheme(path) if load_model and path.is_dir() else None
+        if scheme is not None:
+            args = read_params(path)
+        elif load_model:
             checkpoint = MetaCheckpoint(path)
             args = checkpoint.args
         else:
@@ -107,18 +116,27 @@ class LLaMa:
 
         with torch.device("meta"):
             model = Transformer(args)
-        weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+            if scheme is not None:
+                make_quantized(model.to(dtype), scheme["scheme"], scheme["group_size"] or 32, quantize=False)
+        weight_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.itemsize)
+                           for t in model.state_dict().values())  # fmt: skip
         cache_bytes = 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * dtype.itemsize
         check_fits(weight_bytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
 
         model = model.to(dtype=dtype).to_empty(device=device)
-        if checkpoint is not None:
+        if scheme is not None:
+            load_quantized(model, path, scheme)
+        elif checkpoint is not None:
             checkpoint.load_into(model)
         else:
             model.init_weights(torch.Generator(device=device).manual_seed(seed))
+        if quantize is not None:
+            if scheme is not None:
+                raise ValueError(f"{path} is already quantized ({scheme['scheme']}): leave out quantize=")
+            make_quantized(model, quantize)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
-        logger.info("built %s on %s in %s: %d params", checkpoints_dir, device, dtype, weight_bytes // dtype.itemsize)
+        logger.info("built %s on %s in %s: %.1f MB of weights", checkpoints_dir, device, dtype, weight_bytes / 1e6)
         return LLaMa(model, tokenizer, seed)
 
     def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:

@@ -197,7 +197,7 @@ class Transformer(nn.Module):
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache once, in the model's dtype on its device, and the rotations."""
-        weight = self.output.weight
+        weight = self.tok_embeddings.weight  # never quantized: the dtype activations have
         shape = (max_batch_size, self.params.kv_heads, max_seq_len, self.params.head_dim)
         for layer in self.layers:
             layer.attention.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)

@@ -1,0 +1,86 @@
+"""Weight-only int8 / int4: kernels against dequantized references, error bounds, saved folders."""
+
+import pytest
+import torch
+
+from conftest import GQA, MHA
+from llama import LLaMa
+from llama.quantize import Int4Linear, Int8Linear, make_quantized, save_quantized
+
+
+def random_linear(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)) * in_f**-0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_equals_dequantized_reference(dtype):
+    w = random_linear(96, 128)
+    q = Int8Linear(128, 96, dtype).quantize_(w)
+    deq = q.weight.float() * q.scales.float()[:, None]
+    # symmetric per-channel rounding: error at most half a step (scale / 2) per weight
+    assert ((deq - w).abs() <= q.scales.float()[:, None] / 2 + 1e-6).all()
+    x = torch.randn(2, 5, 128, dtype=dtype)
+    expected = x.float() @ deq.T
+    atol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(q(x).float(), expected, atol=atol, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_kernel_equals_dequantized_reference(dtype, group_size):
+    w = random_linear(64, 256, seed=1)
+    q = Int4Linear(256, 64, group_size, dtype).quantize_(w)
+    deq = q.dequantized(torch.float32)
+    step = q.scales_and_zeros[..., 0].float().T.repeat_interleave(group_size, 1)
+    # asymmetric grouped rounding: within half a step, plus what storing scale/zero in dtype costs
+    slack = 1e-6 if dtype == torch.float32 else 0.02
+    assert ((deq - w).abs() <= step / 2 + slack).all()
+    x = torch.randn(3, 256, dtype=dtype)
+    atol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(q(x).float(), x.float() @ deq.T, atol=atol, rtol=0.02)
+
+
+def test_int4_nibbles_round_trip():
+    q = Int4Linear(64, 8, 32).quantize_(random_linear(8, 64))
+    values = q.unpacked()
+    assert values.min() >= 0 and values.max() <= 15 and values.shape == (8, 64)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_stays_close_and_saves_once(make_ckpt, tmp_path, scheme):
+    folder, _ = make_ckpt(dict(GQA, multiple_of=64), 2)  # FFN 256: int4's groups of 32 divide it
+    base = LLaMa.build(folder, max_seq_len=32, dtype="float32")
+    quant = LLaMa.build(folder, max_seq_len=32, dtype="float32", quantize=scheme)
+    assert not any(isinstance(m, torch.nn.Linear) for m in quant.model.modules())
+    x = torch.tensor([[1, 5, 9, 14, 3, 40, 22, 7]])
+    ref, got = base.model(x, 0), quant.model(x, 0)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    # random gaussian weights are the worst case for 4 bits (about 8% error per weight)
+    assert rel < (0.02 if scheme == "int8" else 0.25), rel
+    out = save_quantized(quant.model, tmp_path / "q", folder / "tokenizer.model")
+    again = LLaMa.build(out, max_seq_len=32, dtype="float32")
+    torch.testing.assert_close(again.model(x, 0), got)
+    assert again.generate([[1, 2, 3]], 5, temperature=0) == quant.generate([[1, 2, 3]], 5, temperature=0)
+    with pytest.raises(ValueError, match="already quantized"):
+        LLaMa.build(out, max_seq_len=32, quantize="int8")
+
+
+def test_bad_scheme_is_refused_before_loading(make_ckpt):
+    folder, _ = make_ckpt(GQA, 1)
+    with pytest.raises(ValueError, match="quantize='int3': use one of int8, int4"):
+        LLaMa.build(folder, quantize="int3")
+    with pytest.raises(ValueError, match="group_size=48 does not divide in_features=64"):
+        make_quantized(LLaMa.build(folder, max_seq_len=8).model, "int4", group_size=48)
+
+
+def test_quantize_command_writes_a_folder_that_checks_out(make_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    folder, _ = make_ckpt(GQA, 2)
+    r = subprocess.run([sys.executable, "-m", "llama.quantize", str(folder), str(tmp_path / "q8")],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=tmp_path / "q8", capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 4
+    assert LLaMa.build(tmp_path / "q8", max_seq_len=8).model.quantization == {"scheme": "int8", "group_size": None}
