@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from llama.model import ModelArgs, Transformer
+from llama.runtime import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,26 @@ class MetaCheckpoint:
                 del shard
         if in_place:
             model.load_state_dict(in_place, strict=True, assign=True)
+
+
+def load_merged(meta_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelArgs]:
+    """A Meta folder's weights merged from any number of shards, in the checkpoint's dtype."""
+    checkpoint = MetaCheckpoint(meta_dir)
+    args = checkpoint.args
+    args.vocab_size = checkpoint.vocab_size  # params.json may say -1 (take the tokenizer's)
+    with torch.device("meta"):
+        model = Transformer(args).to(checkpoint.shards[0]["tok_embeddings.weight"].dtype)
+    model.to_empty(device="cpu")
+    checkpoint.load_into(model)
+    return model.state_dict(), args
+
+
+def cast(state_dict: dict[str, torch.Tensor], dtype: str | torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The state dict in dtype (a name or torch.dtype); None leaves it as it is."""
+    if dtype is None:
+        return state_dict
+    dtype = resolve_dtype(dtype, torch.device("cpu"))
+    return {k: v.to(dtype) for k, v in state_dict.items()}
 
 
 def md5(path: Path) -> str:

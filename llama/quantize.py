@@ -185,11 +185,6 @@ def main(src: str, out: str, scheme: str = "int8", dtype: str = "bfloat16") -> N
 
 
 if __name__ == "__main__":
-    import sys
+    from llama.convert import run_cli
 
-    import fire
-
-    try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import GQA, MHA
+from conftest import GQA
 from llama import LLaMa
 from llama.quantize import Int4Linear, Int8Linear, make_quantized, save_quantized
 

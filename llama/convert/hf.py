@@ -9,15 +9,13 @@ import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
-import fire
 import torch
 
-from llama.checkpoint import MetaCheckpoint, find_tokenizer, save_checkpoint
-from llama.model import ModelArgs, Transformer
-from llama.runtime import resolve_dtype
+from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint
+from llama.convert import run_cli
+from llama.model import ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -183,11 +181,6 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _cast(state_dict: dict[str, torch.Tensor], dtype: str | torch.dtype | None) -> dict[str, torch.Tensor]:
-    dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
-    return state_dict if dtype is None else {k: v.to(dtype) for k, v in state_dict.items()}
-
-
 def _copy_tokenizer(source: Path | None, out: Path) -> None:
     if source is None or not source.is_file():
         logger.warning("no tokenizer.model found to copy into %s", out)
@@ -214,7 +207,7 @@ def hf_folder_to_meta(
             raise FileNotFoundError(f"{path} is named in {index} but does not exist")
         weights.update(load_file(path))
     state_dict, args = hf_to_meta(weights, config)
-    out = save_checkpoint(_cast(state_dict, dtype), args, out_dir, n_shards)
+    out = save_checkpoint(cast(state_dict, dtype), args, out_dir, n_shards)
     _copy_tokenizer(src / "tokenizer.model", out)
     logger.info("wrote %s from %s: %d shard(s)", out, src, n_shards)
     return out
@@ -226,30 +219,16 @@ def meta_folder_to_hf(
     """Write config.json, model.safetensors and tokenizer.model (from the folder or its parent) for
     a Meta folder of any number of shards; dtype None keeps the checkpoint's."""
     save_file = _safetensors().save_file
-    checkpoint = MetaCheckpoint(meta_dir)
-    args = checkpoint.args
-    args.vocab_size = checkpoint.vocab_size  # params.json may say -1 (take the tokenizer's)
-    with torch.device("meta"):
-        model = Transformer(args).to(checkpoint.shards[0]["tok_embeddings.weight"].dtype)
-    model.to_empty(device="cpu")
-    checkpoint.load_into(model)  # merges the shards
-    weights, config = meta_to_hf(_cast(model.state_dict(), dtype), args)
+    state_dict, args = load_merged(meta_dir)
+    weights, config = meta_to_hf(cast(state_dict, dtype), args)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    _copy_tokenizer(find_tokenizer(checkpoint.dir), out)
-    logger.info("wrote %s from %s", out, checkpoint.dir)
+    _copy_tokenizer(find_tokenizer(Path(meta_dir)), out)
+    logger.info("wrote %s from %s", out, meta_dir)
     return out
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:
-        fire.Fire({"to_meta": hf_folder_to_meta, "to_hf": meta_folder_to_hf})
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: the message, not a traceback
-        sys.exit(f"error: {e}")
-
-
 if __name__ == "__main__":
-    main()
+    run_cli({"to_meta": hf_folder_to_meta, "to_hf": meta_folder_to_hf})

@@ -10,13 +10,13 @@ float32 arrays in run.c's order, each already [out, in] with Meta's interleaved 
 import json
 import os
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llama.checkpoint import save_checkpoint
+from llama.checkpoint import cast, save_checkpoint
+from llama.convert import run_cli
 from llama.convert.hf import ffn_params
 from llama.model import ModelArgs
 
@@ -68,12 +68,9 @@ def read_llama2c(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Mode
 
 def llama2c_to_meta(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
     """Write the Meta folder (params.json keeps the training length as max_seq_len, unused by the model)."""
-    from llama.runtime import resolve_dtype
-
     sd, args, seq_len = read_llama2c(path)
     args.extra["max_seq_len"] = seq_len
-    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
-    return save_checkpoint({k: v.to(torch_dtype) for k, v in sd.items()}, args, out_dir)
+    return save_checkpoint(cast(sd, dtype), args, out_dir)
 
 
 def main(path: str, out_dir: str, dtype: str = "float32") -> None:
@@ -82,9 +79,4 @@ def main(path: str, out_dir: str, dtype: str = "float32") -> None:
 
 
 if __name__ == "__main__":
-    import fire
-
-    try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)
