@@ -1,0 +1,142 @@
+"""One peer, one process (run by bench/speed.py): load the model, warm up, run each workload once,
+print a JSON line of tokens/s, load seconds and peak resident memory. Greedy decoding throughout;
+prompts are the same random ids for every peer.
+
+    python bench/peers.py ours|hf|llamacpp PATH decode_b1,prefill_512,... NEW_TOKENS THREADS
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+PROMPT_LEN, PREFILL_LEN = 32, 512
+
+
+def status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def prompts(batch: int, length: int) -> list[list[int]]:
+    rng = np.random.default_rng(batch * 1000 + length)
+    return rng.integers(3, 32000, size=(batch, length)).tolist()
+
+
+def workload(name: str) -> tuple[int, int, bool]:
+    """(batch, prompt length, is prefill) of a workload name like decode_b8 or prefill_512."""
+    kind, arg = name.split("_")
+    return (1, int(arg), True) if kind == "prefill" else (int(arg[1:]), PROMPT_LEN, False)
+
+
+class Ours:
+    def __init__(self, path: str, threads: int, max_batch: int, max_len: int):
+        import torch
+
+        from llama import LLaMa
+
+        torch.set_num_threads(threads)
+        self.llm = LLaMa.build(path, max_seq_len=max_len, max_batch_size=max_batch, device="cpu", dtype="bfloat16")
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.llm.model.parameters())
+
+    def generate(self, batch: list[list[int]], new_tokens: int) -> int:
+        tokens, _ = self.llm.generate(batch, new_tokens, temperature=0)
+        return sum(map(len, tokens))
+
+
+class HF:
+    def __init__(self, path: str, threads: int, max_batch: int, max_len: int):
+        import torch
+        from transformers import LlamaForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def generate(self, batch: list[list[int]], new_tokens: int) -> int:
+        ids = self.torch.tensor(batch)
+        with self.torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+        return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python's low-level API: one sequence per prompt in a shared
+    KV cache, one llama_decode per step for the whole batch, greedy argmax on its logits."""
+
+    def __init__(self, path: str, threads: int, max_batch: int, max_len: int):
+        import llama_cpp
+
+        self.lib = llama_cpp
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(path.encode(), mparams)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = max_batch * max_len
+        cparams.n_batch = cparams.n_ubatch = PREFILL_LEN
+        cparams.n_seq_max = max_batch
+        cparams.n_threads = cparams.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(PREFILL_LEN, 0, max_batch)
+        self.weight_bytes = os.path.getsize(path)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """items: (token, position, sequence, wants logits), at most n_batch of them."""
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(items)
+        if self.lib.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _argmax(self, i: int) -> int:
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+        return int(logits.argmax())
+
+    def generate(self, batch: list[list[int]], new_tokens: int) -> int:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        last = []
+        for seq, prompt in enumerate(batch):  # each prompt's tokens in one pass, as our prefill does
+            self._decode([(t, p, seq, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+            last.append(self._argmax(len(prompt) - 1))
+        for step in range(1, new_tokens):
+            self._decode([(tok, len(batch[s]) + step - 1, s, True) for s, tok in enumerate(last)])
+            last = [self._argmax(i) for i in range(len(batch))]
+        return len(batch) * new_tokens
+
+
+def main() -> None:
+    peer, path, names, new_tokens, threads = sys.argv[1:6]
+    names, new_tokens, threads = names.split(","), int(new_tokens), int(threads)
+    specs = {n: workload(n) for n in names}
+    max_batch = max(b for b, _, _ in specs.values())
+    max_len = max(length + (1 if pre else new_tokens) for _, length, pre in specs.values())
+    # Import the peer's libraries first: peak memory counts what loading the model adds.
+    __import__({"ours": "llama", "hf": "transformers.models.llama", "llamacpp": "llama_cpp"}[peer])
+    base = status("VmRSS")
+    t = time.perf_counter()
+    model = {"ours": Ours, "hf": HF, "llamacpp": LlamaCpp}[peer](path, threads, max_batch, max_len)
+    result = {"load_s": time.perf_counter() - t, "weight_bytes": model.weight_bytes}
+    for name, (batch, length, prefill) in specs.items():
+        ids, n = prompts(batch, length), 1 if prefill else new_tokens
+        model.generate(ids, 2)  # warm-up at this shape
+        t = time.perf_counter()
+        produced = model.generate(ids, n)
+        elapsed = time.perf_counter() - t
+        assert produced == batch * n, (name, produced)
+        result[name] = (length if prefill else produced) / elapsed
+    result["peak_rss_bytes"] = status("VmHWM") - base
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Speed, side by side on the same weights: this project, Hugging Face transformers and llama.cpp
+(llama-cpp-python, GGUF written with the gguf package), plus a memory-bandwidth probe for the
+batch-1 ceiling. Random weights in Meta's layout are made here (no downloads). Every peer runs in
+its own process, peers interleaved round by round; medians, and ratios taken within a round.
+
+    pip install -e '.[bench]'
+    python bench/speed.py                       # 110m and 1.1b shapes, all peers, 3 rounds
+    python bench/speed.py --smoke               # a tiny model, one round: checks the harness works
+"""
+
+import argparse
+import itertools
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {  # params.json of each shape; vocab 32000 as in Llama 2
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32),
+    "110m": dict(dim=768, n_layers=12, n_heads=12, multiple_of=256),
+    "1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256),  # TinyLlama: FFN 5632
+}
+PEERS = ("ours", "hf", "llamacpp")
+WORKLOADS = ("decode_b1", "prefill_512", "decode_b8", "decode_b32")
+
+
+def make_tokenizer(path: Path) -> None:
+    """A 32000-piece SentencePiece model with no EOS, so every run generates all its tokens."""
+    import sentencepiece as spm
+
+    lines = [f"line {i} of some text for a tokenizer with words" for i in range(2000)]
+    symbols = ["".join(p) for p in itertools.islice(itertools.product("aeiou", repeat=7), 31700)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=32000,
+                                   model_type="bpe", user_defined_symbols=symbols, eos_id=-1, byte_fallback=True,
+                                   hard_vocab_limit=False, minloglevel=2)  # fmt: skip
+    path.write_bytes(buf.getvalue())
+
+
+def make_models(shape: str, root: Path, peers: list[str]) -> dict[str, str]:
+    """The same random bf16 weights as a Meta folder, a Hugging Face folder and a GGUF F16 file."""
+    import torch
+
+    from llama.checkpoint import save_checkpoint
+    from llama.model import ModelArgs, Transformer
+    from llama.tokenizer import Tokenizer
+
+    args = ModelArgs(**SHAPES[shape], vocab_size=32000, norm_eps=1e-5)
+    meta = root / shape / "meta"
+    make_tokenizer(root / "tokenizer.model") if not (root / "tokenizer.model").exists() else None
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model.init_weights(torch.Generator().manual_seed(0))
+    sd = model.state_dict()
+    save_checkpoint(sd, args, meta)
+    (meta / "tokenizer.model").write_bytes((root / "tokenizer.model").read_bytes())
+    paths = {"ours": str(meta)}
+    if "hf" in peers:
+        from llama.convert.hf import meta_folder_to_hf
+
+        paths["hf"] = str(meta_folder_to_hf(meta, root / shape / "hf"))
+    if "llamacpp" in peers:
+        from llama.convert.gguf import write_gguf
+
+        paths["llamacpp"] = str(write_gguf(sd, args, Tokenizer(meta / "tokenizer.model"), root / shape / "f16.gguf"))
+    return paths
+
+
+def bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+    """Best-of copy bandwidth (read + write bytes per second) of a large tensor."""
+    import torch
+
+    a = torch.ones(size_mb << 18, dtype=torch.float32)  # size_mb MB
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="110m,1.1b")
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--smoke", action="store_true", help="tiny shape, 1 round, 8 new tokens")
+    ap.add_argument("--out", default="bench/results/speed.json")
+    opts = ap.parse_args()
+    if opts.smoke:
+        opts.shapes, opts.rounds, opts.new_tokens = "tiny", 1, 8
+    shapes, peers, workloads = opts.shapes.split(","), opts.peers.split(","), opts.workloads.split(",")
+    available = [p for p in peers if peer_available(p)]
+    for p in set(peers) - set(available):
+        print(f"skipping {p}: {PEER_PACKAGES[p]} is not installed (pip install -e '.[bench]')")
+    bw = bandwidth_gbs(64 if opts.smoke else 1024)
+    print(f"memory bandwidth (copy): {bw:.1f} GB/s, threads: {opts.threads}")
+
+    results = {"bandwidth_gbs": bw, "threads": opts.threads, "new_tokens": opts.new_tokens, "shapes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            paths = make_models(shape, Path(tmp), available)
+            runs = {p: [] for p in available}
+            for r in range(opts.rounds):
+                for peer in available:  # interleaved: each round runs every peer once
+                    runs[peer].append(run_peer(peer, paths[peer], workloads, opts))
+                    print(f"{shape} round {r + 1} {peer}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[peer][-1].items()
+                                                                       if k in WORKLOADS))  # fmt: skip
+            results["shapes"][shape] = summarize(runs, workloads, bw)
+    print_table(results, workloads)
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {opts.out}")
+
+
+PEER_PACKAGES = {"ours": "torch", "hf": "transformers", "llamacpp": "llama_cpp"}
+
+
+def peer_available(peer: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(PEER_PACKAGES[peer]) is not None
+
+
+def run_peer(peer: str, path: str, workloads: list[str], opts) -> dict:
+    """One fresh process: load, warm up, each workload once; tokens/s, load seconds, peak RSS."""
+    cmd = [sys.executable, str(Path(__file__).with_name("peers.py")), peer, path, ",".join(workloads),
+           str(opts.new_tokens), str(opts.threads)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"{peer} failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: dict[str, list[dict]], workloads: list[str], bw: float) -> dict:
+    out = {}
+    for peer, rows in runs.items():
+        out[peer] = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+        out[peer]["rounds"] = rows
+    if "ours" in runs:
+        for peer in runs:
+            if peer == "ours":
+                continue
+            out["ours"][f"ratio_vs_{peer}"] = {
+                w: statistics.median(a[w] / b[w] for a, b in zip(runs["ours"], runs[peer])) for w in workloads
+            }
+    for peer in runs:
+        out[peer]["bandwidth_fraction_b1"] = out[peer]["decode_b1"] * out[peer]["weight_bytes"] / (bw * 1e9) \
+            if "decode_b1" in workloads else None  # fmt: skip
+    return out
+
+
+def print_table(results: dict, workloads: list[str]) -> None:
+    cols = workloads + ["load_s", "peak_rss_mb", "bw_frac_b1"]
+    print(f"\n{'shape':<6} {'peer':<9} " + " ".join(f"{c:>12}" for c in cols))
+    for shape, peers in results["shapes"].items():
+        for peer, row in peers.items():
+            vals = [row[w] for w in workloads] + [row["load_s"], row["peak_rss_bytes"] / 1e6, row["bandwidth_fraction_b1"] or 0]
+            print(f"{shape:<6} {peer:<9} " + " ".join(f"{v:>12.2f}" for v in vals))
+        for peer in peers:
+            ratios = peers.get("ours", {}).get(f"ratio_vs_{peer}")
+            if ratios:
+                print(f"{shape:<6} {'ours/' + peer:<9} " + " ".join(f"{ratios[w]:>11.2f}x" for w in workloads))
+
+
+if __name__ == "__main__":
+    main()
