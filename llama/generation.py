@@ -46,6 +46,48 @@ def preset_args(name: str) -> ModelArgs:
     return ModelArgs.from_params(json.loads(path.read_text()))
 
 
+def _open_weights(path: Path, load_model: bool, dtype: torch.dtype, quantize: str | None):
+    """(params, what fills the model, tokenizer bytes or None). What fills it: a MetaCheckpoint, a
+    quantized folder's scheme, a GGUF file's state dict, or None for random weights."""
+    if not load_model:
+        return (read_params(path) if path.is_dir() else preset_args(str(path))), None, None
+    if path.suffix == ".gguf" and path.is_file():
+        from llama.convert.gguf import read_gguf
+
+        state_dict, args, proto = read_gguf(path, dtype)
+        return args, state_dict, proto
+    scheme = read_scheme(path) if path.is_dir() else None
+    if scheme is not None:
+        if quantize is not None:
+            raise ValueError(f"{path} is already quantized ({scheme['scheme']}): leave out quantize=")
+        return read_params(path), scheme, None
+    checkpoint = MetaCheckpoint(path)
+    return checkpoint.args, checkpoint, None
+
+
+def _load_tokenizer(path: Path, tokenizer_path, proto: bytes | None, args: ModelArgs, required: bool) -> Tokenizer | None:
+    """The tokenizer (given, in a GGUF file, or beside the folder), with vocab_size -1 resolved from it."""
+    if tokenizer_path is None and proto is None and path.is_dir():
+        tokenizer_path = find_tokenizer(path)
+        if tokenizer_path is None and required:
+            raise FileNotFoundError(
+                f"no tokenizer.model in {path} or {path.parent}: pass tokenizer_path= the tokenizer.model file"
+            )
+    if tokenizer_path is None and proto is None:
+        if args.vocab_size == -1:
+            raise ValueError(f"{path} has vocab_size -1, which is taken from the tokenizer: pass tokenizer_path=")
+        return None
+    tokenizer = Tokenizer(tokenizer_path or path, model_proto=None if tokenizer_path else proto)
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+    elif args.vocab_size != tokenizer.n_words:
+        raise ValueError(
+            f"params.json says vocab_size={args.vocab_size} but {tokenizer_path or path} has {tokenizer.n_words} "
+            "words: pass the tokenizer.model that belongs to this model"
+        )
+    return tokenizer
+
+
 class LLaMa:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, seed: int = 1):
         self.model = model
@@ -78,65 +120,39 @@ class LLaMa:
             raise ValueError(f"quantize={quantize!r}: use one of {', '.join(SCHEMES)}, or None")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        checkpoints_dir = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
-        path = Path(checkpoints_dir)
-        checkpoint = None
-        scheme = read_scheme(path) if load_model and path.is_dir() else None
-        if scheme is not None:
-            args = read_params(path)
-        elif load_model:
-            checkpoint = MetaCheckpoint(path)
-            args = checkpoint.args
-        else:
-            args = read_params(path) if path.is_dir() else preset_args(str(checkpoints_dir))
-
-        tokenizer = None
-        if tokenizer_path is None and path.is_dir():
-            tokenizer_path = find_tokenizer(path)
-            if tokenizer_path is None and load_model:
-                raise FileNotFoundError(
-                    f"no tokenizer.model in {path} or {path.parent}: pass tokenizer_path= the tokenizer.model file"
-                )
-        if tokenizer_path is not None:
-            tokenizer = Tokenizer(tokenizer_path)
-            if args.vocab_size == -1:
-                args.vocab_size = tokenizer.n_words
-            elif args.vocab_size != tokenizer.n_words:
-                raise ValueError(
-                    f"params.json says vocab_size={args.vocab_size} but {tokenizer_path} has {tokenizer.n_words} "
-                    "words: pass the tokenizer.model that belongs to this model"
-                )
-        elif args.vocab_size == -1:
-            raise ValueError(f"{checkpoints_dir} has vocab_size -1, which is taken from the tokenizer: pass tokenizer_path=")
-        if checkpoint is not None and checkpoint.vocab_size != args.vocab_size:
+        path = Path(BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir)
+        args, fill, proto = _open_weights(path, load_model, dtype, quantize)
+        tokenizer = _load_tokenizer(path, tokenizer_path, proto, args, required=load_model)
+        if isinstance(fill, MetaCheckpoint) and fill.vocab_size != args.vocab_size:
             raise ValueError(
-                f"the embedding in {path} has {checkpoint.vocab_size} rows but the tokenizer {tokenizer_path} has "
-                f"{args.vocab_size} words: pass the tokenizer.model that belongs to this model"
+                f"the embedding in {path} has {fill.vocab_size} rows but the tokenizer {tokenizer.path} has "
+                f"{args.vocab_size} "
+                "words: pass the tokenizer.model that belongs to this model"
             )
 
         with torch.device("meta"):
             model = Transformer(args)
-            if scheme is not None:
-                make_quantized(model.to(dtype), scheme["scheme"], scheme["group_size"] or 32, quantize=False)
+            if isinstance(fill, dict) and "scheme" in fill:
+                make_quantized(model.to(dtype), fill["scheme"], fill["group_size"] or 32, quantize=False)
         weight_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.itemsize)
                            for t in model.state_dict().values())  # fmt: skip
         cache_bytes = 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * dtype.itemsize
         check_fits(weight_bytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
 
         model = model.to(dtype=dtype).to_empty(device=device)
-        if scheme is not None:
-            load_quantized(model, path, scheme)
-        elif checkpoint is not None:
-            checkpoint.load_into(model)
+        if isinstance(fill, MetaCheckpoint):
+            fill.load_into(model)
+        elif isinstance(fill, dict) and "scheme" in fill:
+            load_quantized(model, path, fill)
+        elif fill is not None:  # a GGUF file's weights, already in dtype
+            model.load_state_dict(fill, strict=True)
         else:
             model.init_weights(torch.Generator(device=device).manual_seed(seed))
         if quantize is not None:
-            if scheme is not None:
-                raise ValueError(f"{path} is already quantized ({scheme['scheme']}): leave out quantize=")
             make_quantized(model, quantize)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
-        logger.info("built %s on %s in %s: %.1f MB of weights", checkpoints_dir, device, dtype, weight_bytes / 1e6)
+        logger.info("built %s on %s in %s: %.1f MB of weights", path, device, dtype, weight_bytes / 1e6)
         return LLaMa(model, tokenizer, seed)
 
     def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:

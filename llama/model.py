@@ -188,7 +188,9 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        # Left uninitialized, as Meta's ParallelEmbedding is (init_weights() or a checkpoint fills
+        # it): nn.Embedding's own normal_ on the meta device would import torch's compiler (~1 s).
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim, _weight=torch.empty(params.vocab_size, params.dim))
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)

@@ -13,13 +13,18 @@ logger = logging.getLogger(__name__)
 
 
 class Tokenizer:
-    def __init__(self, model_path: str | os.PathLike):
+    def __init__(self, model_path: str | os.PathLike, model_proto: bytes | None = None):
+        """From a tokenizer.model file, or from its bytes (model_path then only names it)."""
         path = Path(model_path)
-        if not path.is_file():
+        if model_proto is None and not path.is_file():
             raise FileNotFoundError(f"no tokenizer model at {path}: pass tokenizer_path= the tokenizer.model file")
+        self.path = path
         self.sp_model = SentencePieceProcessor()
         try:
-            self.sp_model.Load(str(path))
+            if model_proto is None:
+                self.sp_model.Load(str(path))
+            else:
+                self.sp_model.LoadFromSerializedProto(model_proto)
         except (OSError, RuntimeError) as e:
             raise ValueError(
                 f"{path} is not a SentencePiece model ({e}). Llama 1/2 and Code Llama tokenizers are; "

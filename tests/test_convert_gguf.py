@@ -178,6 +178,20 @@ def test_build_on_a_converted_folder_generates_the_same_ids(make_ckpt, tmp_path)
     assert torch.load(converted / "consolidated.00.pth")["output.weight"].dtype == torch.bfloat16  # the default
 
 
+def test_build_takes_a_gguf_file_alone(make_ckpt, tmp_path):
+    folder, _ = make_ckpt(GQA, 2)
+    (tmp_path / "alone").mkdir()
+    gguf_file = meta_folder_to_gguf(folder, tmp_path / "alone" / "model.gguf", "F32")
+    prompts = ["the king", "gold and silver"]
+    runs = [
+        LLaMa.build(path, dtype="float32", max_seq_len=32, max_batch_size=2).text_completion(prompts, temperature=0, max_gen_len=6)
+        for path in (folder, gguf_file)  # the GGUF's own vocabulary is the tokenizer: nothing beside it
+    ]
+    assert runs[0] == runs[1] and list(gguf_file.parent.iterdir()) == [gguf_file]
+    q8 = LLaMa.build(meta_folder_to_gguf(folder, tmp_path / "q8.gguf", "Q8_0"), dtype="bf16", max_seq_len=32)
+    assert q8.model.output.weight.dtype == torch.bfloat16
+
+
 def tiny_gguf(path: Path, architecture: str = "llama", vocabulary: str = "llama") -> Path:
     """Just enough of a GGUF file for read_gguf to reach the check under test."""
     writer = gguf.GGUFWriter(path, architecture)

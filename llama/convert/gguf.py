@@ -151,9 +151,12 @@ def _write_vocab(writer: "gguf.GGUFWriter", tokenizer: Tokenizer) -> None:
         writer.add_precompiled_charsmap(normalizer.precompiled_charsmap)
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelArgs, bytes]:
-    """Meta's weights (float32, or the file's F16/BF16), params and tokenizer.model bytes from a
-    LLaMA GGUF file; quantized tensors are dequantized with the gguf package's own routines."""
+def read_gguf(
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], ModelArgs, bytes]:
+    """Meta's weights, params and tokenizer.model bytes from a LLaMA GGUF file. Quantized tensors are
+    dequantized with the gguf package's own routines, each cast to dtype as it is read (None: float32,
+    or the file's F16/BF16), so memory never holds more than one float32 tensor beyond the result."""
     gguf, path = _gguf(), Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
@@ -185,7 +188,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelAr
     if missing or wrong:
         raise ValueError(f"{path} does not match its own metadata: missing {missing[:5]}, unexpected or "
                          f"misshapen {wrong[:5]}")  # fmt: skip
-    state_dict = {key: _read_tensor(t, path) for key, t in tensors.items()}
+    state_dict = {key: cast({key: _read_tensor(t, path)}, dtype)[key] for key, t in tensors.items()}
     if tied:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"].clone()  # Meta keeps two matrices
     return state_dict, args, tokenizer_model
@@ -277,8 +280,8 @@ def gguf_to_meta_folder(
     """Write a Meta folder (params.json, n_shards consolidated.NN.pth, tokenizer.model and a
     checklist.chk covering them all) from a LLaMA GGUF file; dtype None keeps the file's (float32
     where it is quantized)."""
-    state_dict, args, tokenizer_model = read_gguf(path)
-    out = save_checkpoint(cast(state_dict, dtype), args, out_dir, n_shards)
+    state_dict, args, tokenizer_model = read_gguf(path, dtype)
+    out = save_checkpoint(state_dict, args, out_dir, n_shards)
     (out / "tokenizer.model").write_bytes(tokenizer_model)
     checklist = out / "checklist.chk"
     names = [line.split(maxsplit=1)[1] for line in checklist.read_text().splitlines()] + ["tokenizer.model"]
