@@ -35,14 +35,15 @@ def workload(name: str) -> tuple[int, int, bool]:
 
 
 class Ours:
-    def __init__(self, path: str, threads: int, max_batch: int, max_len: int):
+    def __init__(self, path: str, threads: int, max_batch: int, max_len: int, quantize: str | None = None):
         import torch
 
         from llama import LLaMa
 
         torch.set_num_threads(threads)
-        self.llm = LLaMa.build(path, max_seq_len=max_len, max_batch_size=max_batch, device="cpu", dtype="bfloat16")
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.llm.model.parameters())
+        self.llm = LLaMa.build(path, max_seq_len=max_len, max_batch_size=max_batch, device="cpu", dtype="bfloat16",
+                               quantize=quantize)  # fmt: skip
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.llm.model.state_dict().values())
 
     def generate(self, batch: list[list[int]], new_tokens: int) -> int:
         tokens, _ = self.llm.generate(batch, new_tokens, temperature=0)
@@ -116,6 +117,7 @@ class LlamaCpp:
 
 def main() -> None:
     peer, path, names, new_tokens, threads = sys.argv[1:6]
+    peer, _, variant = peer.partition("-")  # ours-int8: quantized here; llamacpp-q8_0: the file's type
     names, new_tokens, threads = names.split(","), int(new_tokens), int(threads)
     specs = {n: workload(n) for n in names}
     max_batch = max(b for b, _, _ in specs.values())
@@ -124,7 +126,8 @@ def main() -> None:
     __import__({"ours": "llama", "hf": "transformers.models.llama", "llamacpp": "llama_cpp"}[peer])
     base = status("VmRSS")
     t = time.perf_counter()
-    model = {"ours": Ours, "hf": HF, "llamacpp": LlamaCpp}[peer](path, threads, max_batch, max_len)
+    kwargs = {"quantize": variant} if peer == "ours" and variant else {}
+    model = {"ours": Ours, "hf": HF, "llamacpp": LlamaCpp}[peer](path, threads, max_batch, max_len, **kwargs)
     result = {"load_s": time.perf_counter() - t, "weight_bytes": model.weight_bytes}
     for name, (batch, length, prefill) in specs.items():
         ids, n = prompts(batch, length), 1 if prefill else new_tokens

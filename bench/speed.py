@@ -26,6 +26,8 @@ SHAPES = {  # params.json of each shape; vocab 32000 as in Llama 2
     "1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256),  # TinyLlama: FFN 5632
 }
 PEERS = ("ours", "hf", "llamacpp")
+# Quantized variants, for the quantization comparison: this project's int8/int4 and llama.cpp's own.
+VARIANTS = ("ours-int8", "ours-int4", "llamacpp-q8_0", "llamacpp-q4_0")
 WORKLOADS = ("decode_b1", "prefill_512", "decode_b8", "decode_b32")
 
 
@@ -60,15 +62,16 @@ def make_models(shape: str, root: Path, peers: list[str]) -> dict[str, str]:
     sd = model.state_dict()
     save_checkpoint(sd, args, meta)
     (meta / "tokenizer.model").write_bytes((root / "tokenizer.model").read_bytes())
-    paths = {"ours": str(meta)}
+    paths = {p: str(meta) for p in peers if p.startswith("ours")}
     if "hf" in peers:
         from llama.convert.hf import meta_folder_to_hf
 
         paths["hf"] = str(meta_folder_to_hf(meta, root / shape / "hf"))
-    if "llamacpp" in peers:
+    for peer in (p for p in peers if p.startswith("llamacpp")):
         from llama.convert.gguf import write_gguf
 
-        paths["llamacpp"] = str(write_gguf(sd, args, Tokenizer(meta / "tokenizer.model"), root / shape / "f16.gguf"))
+        kind = (peer.split("-")[1] if "-" in peer else "f16").upper()
+        paths[peer] = str(write_gguf(sd, args, Tokenizer(meta / "tokenizer.model"), root / shape / f"{kind}.gguf", kind))
     return paths
 
 
@@ -89,7 +92,7 @@ def bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="110m,1.1b")
-    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"from {', '.join(PEERS + VARIANTS)}")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new_tokens", type=int, default=128)
@@ -102,7 +105,7 @@ def main() -> None:
     shapes, peers, workloads = opts.shapes.split(","), opts.peers.split(","), opts.workloads.split(",")
     available = [p for p in peers if peer_available(p)]
     for p in set(peers) - set(available):
-        print(f"skipping {p}: {PEER_PACKAGES[p]} is not installed (pip install -e '.[bench]')")
+        print(f"skipping {p}: {PEER_PACKAGES[p.split('-')[0]]} is not installed (pip install -e '.[bench]')")
     bw = bandwidth_gbs(64 if opts.smoke else 1024)
     print(f"memory bandwidth (copy): {bw:.1f} GB/s, threads: {opts.threads}")
 
@@ -129,7 +132,7 @@ PEER_PACKAGES = {"ours": "torch", "hf": "transformers", "llamacpp": "llama_cpp"}
 def peer_available(peer: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(PEER_PACKAGES[peer]) is not None
+    return importlib.util.find_spec(PEER_PACKAGES[peer.split("-")[0]]) is not None
 
 
 def run_peer(peer: str, path: str, workloads: list[str], opts) -> dict:
@@ -147,12 +150,10 @@ def summarize(runs: dict[str, list[dict]], workloads: list[str], bw: float) -> d
     for peer, rows in runs.items():
         out[peer] = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
         out[peer]["rounds"] = rows
-    if "ours" in runs:
-        for peer in runs:
-            if peer == "ours":
-                continue
-            out["ours"][f"ratio_vs_{peer}"] = {
-                w: statistics.median(a[w] / b[w] for a, b in zip(runs["ours"], runs[peer])) for w in workloads
+    for ours in (p for p in runs if p.startswith("ours")):
+        for peer in (p for p in runs if not p.startswith("ours")):
+            out[ours][f"ratio_vs_{peer}"] = {
+                w: statistics.median(a[w] / b[w] for a, b in zip(runs[ours], runs[peer])) for w in workloads
             }
     for peer in runs:
         out[peer]["bandwidth_fraction_b1"] = out[peer]["decode_b1"] * out[peer]["weight_bytes"] / (bw * 1e9) \
@@ -167,10 +168,11 @@ def print_table(results: dict, workloads: list[str]) -> None:
         for peer, row in peers.items():
             vals = [row[w] for w in workloads] + [row["load_s"], row["peak_rss_bytes"] / 1e6, row["bandwidth_fraction_b1"] or 0]
             print(f"{shape:<6} {peer:<9} " + " ".join(f"{v:>12.2f}" for v in vals))
-        for peer in peers:
-            ratios = peers.get("ours", {}).get(f"ratio_vs_{peer}")
-            if ratios:
-                print(f"{shape:<6} {'ours/' + peer:<9} " + " ".join(f"{ratios[w]:>11.2f}x" for w in workloads))
+        for ours, row in peers.items():
+            for key, ratios in row.items():
+                if key.startswith("ratio_vs_"):
+                    name = f"{ours}/{key.removeprefix('ratio_vs_')}"
+                    print(f"{shape:<6} {name:<9} " + " ".join(f"{ratios[w]:>11.2f}x" for w in workloads))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, read_params
+from llama.decoding import Decoded, StreamEvent, decode
 from llama.model import ModelArgs, Transformer
 from llama.quantize import SCHEMES, load_quantized, make_quantized, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
-from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
-from llama.decoding import Decoded, StreamEvent, decode
 from llama.sampling import Sampler
 from llama.tokenizer import Tokenizer
 
@@ -47,22 +47,22 @@ def preset_args(name: str) -> ModelArgs:
 
 
 def _open_weights(path: Path, load_model: bool, dtype: torch.dtype, quantize: str | None):
-    """(params, what fills the model, tokenizer bytes or None). What fills it: a MetaCheckpoint, a
-    quantized folder's scheme, a GGUF file's state dict, or None for random weights."""
+    """(params, (kind, source), tokenizer bytes or None), kind being "meta" (a MetaCheckpoint),
+    "quantized" (a save_quantized folder's scheme), "gguf" (the file's state dict) or "random"."""
     if not load_model:
-        return (read_params(path) if path.is_dir() else preset_args(str(path))), None, None
+        return (read_params(path) if path.is_dir() else preset_args(str(path))), ("random", None), None
     if path.suffix == ".gguf" and path.is_file():
         from llama.convert.gguf import read_gguf
 
         state_dict, args, proto = read_gguf(path, dtype)
-        return args, state_dict, proto
+        return args, ("gguf", state_dict), proto
     scheme = read_scheme(path) if path.is_dir() else None
     if scheme is not None:
         if quantize is not None:
             raise ValueError(f"{path} is already quantized ({scheme['scheme']}): leave out quantize=")
-        return read_params(path), scheme, None
+        return read_params(path), ("quantized", scheme), None
     checkpoint = MetaCheckpoint(path)
-    return checkpoint.args, checkpoint, None
+    return checkpoint.args, ("meta", checkpoint), None
 
 
 def _load_tokenizer(path: Path, tokenizer_path, proto: bytes | None, args: ModelArgs, required: bool) -> Tokenizer | None:
@@ -121,31 +121,31 @@ class LLaMa:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         path = Path(BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir)
-        args, fill, proto = _open_weights(path, load_model, dtype, quantize)
+        args, (kind, source), proto = _open_weights(path, load_model, dtype, quantize)
         tokenizer = _load_tokenizer(path, tokenizer_path, proto, args, required=load_model)
-        if isinstance(fill, MetaCheckpoint) and fill.vocab_size != args.vocab_size:
+        if kind == "meta" and source.vocab_size != args.vocab_size:
             raise ValueError(
-                f"the embedding in {path} has {fill.vocab_size} rows but the tokenizer {tokenizer.path} has "
+                f"the embedding in {path} has {source.vocab_size} rows but the tokenizer {tokenizer.path} has "
                 f"{args.vocab_size} "
                 "words: pass the tokenizer.model that belongs to this model"
             )
 
         with torch.device("meta"):
             model = Transformer(args)
-            if isinstance(fill, dict) and "scheme" in fill:
-                make_quantized(model.to(dtype), fill["scheme"], fill["group_size"] or 32, quantize=False)
+            if kind == "quantized":
+                make_quantized(model.to(dtype), source["scheme"], source["group_size"] or 32, quantize=False)
         weight_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.itemsize)
                            for t in model.state_dict().values())  # fmt: skip
         cache_bytes = 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * dtype.itemsize
         check_fits(weight_bytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
 
         model = model.to(dtype=dtype).to_empty(device=device)
-        if isinstance(fill, MetaCheckpoint):
-            fill.load_into(model)
-        elif isinstance(fill, dict) and "scheme" in fill:
-            load_quantized(model, path, fill)
-        elif fill is not None:  # a GGUF file's weights, already in dtype
-            model.load_state_dict(fill, strict=True)
+        if kind == "meta":
+            source.load_into(model)
+        elif kind == "quantized":
+            load_quantized(model, path, source)
+        elif kind == "gguf":  # the file's weights, already in dtype
+            model.load_state_dict(source, strict=True)
         else:
             model.init_weights(torch.Generator(device=device).manual_seed(seed))
         if quantize is not None:

@@ -7,11 +7,9 @@ random draws from an owned torch.Generator, so a seed fixes the run.
 import io
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import sentencepiece as spm
 import torch
@@ -24,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
+    """Everything about a run that is not the architecture (that is ModelArgs, i.e. params.json)."""
+
     steps: int = 1000
     batch_size: int = 32
     seq_len: int = 256
@@ -39,8 +39,8 @@ class TrainConfig:
     seed: int = 0
 
 
-def train_tokenizer(text: str, path: str | os.PathLike, vocab_size: int) -> Path:
-    """Write a BPE tokenizer.model with Meta's ids (unk 0, bos 1, eos 2, no pad) whose decode(encode(s))
+def train_tokenizer(text: str, vocab_size: int) -> bytes:
+    """A BPE tokenizer.model (its bytes) with Meta's ids (unk 0, bos 1, eos 2, no pad) whose decode(encode(s))
     is s for any s: identity normalization, spaces and newlines kept, unseen bytes as byte pieces."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -50,9 +50,7 @@ def train_tokenizer(text: str, path: str | os.PathLike, vocab_size: int) -> Path
         # No leading "▁" on the first word: "ROMEO:" is then the same pieces as a line of the text.
         add_dummy_prefix=False, num_threads=1, minloglevel=2,
     )  # fmt: skip
-    path = Path(path)
-    path.write_bytes(buf.getvalue())
-    return path
+    return buf.getvalue()
 
 
 def get_batch(
@@ -60,7 +58,7 @@ def get_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets [B, T] from random windows of `tokens` (BOS-first if bos_id)."""
     n_text = config.seq_len - (config.bos_id is not None)
-    if len(tokens) <= n_text + 1:
+    if len(tokens) < n_text + 1:
         raise ValueError(f"{len(tokens)} tokens are too few for seq_len={config.seq_len}: lower seq_len")
     starts = torch.randint(len(tokens) - n_text, (config.batch_size,), generator=generator).tolist()
     windows = torch.stack([tokens[s : s + n_text + 1] for s in starts])  # [B, n_text + 1]
@@ -87,10 +85,11 @@ def loss_on(model: Transformer, x: torch.Tensor, y: torch.Tensor, bf16: bool) ->
 def evaluate(model: Transformer, tokens: torch.Tensor, config: TrainConfig) -> float:
     """Mean loss over eval_batches windows; the same windows every time, so evaluations compare."""
     generator = torch.Generator().manual_seed(config.seed + 1)
+    was_training = model.training
     model.eval()
     batches = [get_batch(tokens, config, generator) for _ in range(config.eval_batches)]
     losses = [loss_on(model, x, y, config.bf16).item() for x, y in batches]
-    model.train()
+    model.train(was_training)
     return sum(losses) / len(losses)
 
 
