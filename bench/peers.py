@@ -35,13 +35,16 @@ def workload(name: str) -> tuple[int, int, bool]:
 
 
 class Ours:
-    def __init__(self, path: str, threads: int, max_batch: int, max_len: int, quantize: str | None = None):
+    def __init__(self, path: str, threads: int, max_batch: int, max_len: int, variant: str = ""):
         import torch
 
         from llama import LLaMa
 
         torch.set_num_threads(threads)
-        self.llm = LLaMa.build(path, max_seq_len=max_len, max_batch_size=max_batch, device="cpu", dtype="bfloat16",
+        # ours-fp16: float16 weights and math on the CPU; ours-int8 / ours-int4: bf16 with quantized linears
+        dtype = variant if variant in ("fp16", "fp32") else "bfloat16"
+        quantize = variant if variant in ("int8", "int4") else None
+        self.llm = LLaMa.build(path, max_seq_len=max_len, max_batch_size=max_batch, device="cpu", dtype=dtype,
                                quantize=quantize)  # fmt: skip
         self.weight_bytes = sum(t.numel() * t.element_size() for t in self.llm.model.state_dict().values())
 
@@ -126,7 +129,7 @@ def main() -> None:
     __import__({"ours": "llama", "hf": "transformers.models.llama", "llamacpp": "llama_cpp"}[peer])
     base = status("VmRSS")
     t = time.perf_counter()
-    kwargs = {"quantize": variant} if peer == "ours" and variant else {}
+    kwargs = {"variant": variant} if peer == "ours" else {}
     model = {"ours": Ours, "hf": HF, "llamacpp": LlamaCpp}[peer](path, threads, max_batch, max_len, **kwargs)
     result = {"load_s": time.perf_counter() - t, "weight_bytes": model.weight_bytes}
     for name, (batch, length, prefill) in specs.items():

@@ -27,7 +27,7 @@ SHAPES = {  # params.json of each shape; vocab 32000 as in Llama 2
 }
 PEERS = ("ours", "hf", "llamacpp")
 # Quantized variants, for the quantization comparison: this project's int8/int4 and llama.cpp's own.
-VARIANTS = ("ours-int8", "ours-int4", "llamacpp-q8_0", "llamacpp-q4_0")
+VARIANTS = ("ours-fp16", "ours-int8", "ours-int4", "llamacpp-q8_0", "llamacpp-q4_0")
 WORKLOADS = ("decode_b1", "prefill_512", "decode_b8", "decode_b32")
 
 

@@ -97,9 +97,11 @@ def decode(
     for cur_pos in range(min_prompt_len, total_len):
         if logprobs:
             logits = model(tokens[:, prev_pos:cur_pos], prev_pos)
-        else:  # only the last position is sampled from
-            logits = model.output(model.hidden(tokens[:, prev_pos:cur_pos], prev_pos)[:, -1:]).float()
-        token = sampler(logits[:, -1], tokens[:, :cur_pos], generator)
+            last = logits[:, -1]
+        else:  # only the last position is sampled from; [B, dim] (a strided [B, 1, dim] view would
+            # make matmul materialise the output weight once per row)
+            last = model.output(model.hidden(tokens[:, prev_pos:cur_pos], prev_pos)[:, -1]).float()
+        token = sampler(last, tokens[:, :cur_pos], generator)
         # Rows still inside their prompt take the prompt's token, not the sample.
         generated = ~input_text_mask[:, cur_pos]
         token = torch.where(generated, token, tokens[:, cur_pos])

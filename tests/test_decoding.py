@@ -86,9 +86,10 @@ def scripted(llm: LLaMa, rows: list[list[int]]) -> None:
     step = [0]
 
     def hook(module, args, logits):
-        logits = torch.full_like(logits, -1e4)
+        logits = torch.full_like(logits, -1e4)  # [B, vocab], or [B, T, vocab] when logprobs are wanted
+        last = logits if logits.dim() == 2 else logits[:, -1]
         for b, row in enumerate(rows):
-            logits[b, -1, row[min(step[0], len(row) - 1)]] = 0
+            last[b, row[min(step[0], len(row) - 1)]] = 0
         step[0] += 1
         return logits
 

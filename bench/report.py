@@ -1,0 +1,53 @@
+"""README's tables from the JSON that bench/speed.py and bench/quantize.py wrote, so the numbers in
+README are copied by a script, never by hand.
+
+    python bench/report.py bench/results/speed.json [bench/results/speed_b1_variants.json ...]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+# The comparisons README shows: each of ours against the peer of the same kind.
+COUNTERPARTS = {("ours", "hf"), ("ours", "llamacpp"), ("ours-fp16", "llamacpp"), ("ours-int8", "llamacpp-q8_0"),
+                ("ours-int4", "llamacpp-q4_0")}  # fmt: skip
+NAMES = {"decode_b1": "decode b1", "prefill_512": "prefill 512", "decode_b8": "decode b8", "decode_b32": "decode b32"}
+
+
+def speed_table(result: dict) -> str:
+    shapes = result["shapes"]
+    workloads = [w for w in NAMES if w in next(iter(next(iter(shapes.values())).values()))]
+    lines = [f"| shape | peer | {' | '.join(NAMES[w] for w in workloads)} | load s | peak RSS MB | b1 / ceiling |",
+             "|---" * (len(workloads) + 5) + "|"]  # fmt: skip
+    for shape, peers in shapes.items():
+        for peer, row in peers.items():
+            cells = [f"{row[w]:.1f}" for w in workloads]
+            frac = row.get("bandwidth_fraction_b1")
+            frac = "-" if frac is None else f"{frac:.2f}"
+            lines.append(f"| {shape} | {peer} | {' | '.join(cells)} | {row['load_s']:.2f} | "
+                         f"{row['peak_rss_bytes'] / 1e6:.0f} | {frac} |")  # fmt: skip
+        for peer, row in peers.items():
+            for key, ratios in row.items():
+                if key.startswith("ratio_vs_") and (peer, key.removeprefix("ratio_vs_")) in COUNTERPARTS:
+                    cells = [f"{ratios[w]:.2f}x" for w in workloads]
+                    lines.append(f"| {shape} | {peer} / {key.removeprefix('ratio_vs_')} | {' | '.join(cells)} | | | |")
+    return "\n".join(lines) + f"\n\nmemory bandwidth (copy probe): {result['bandwidth_gbs']:.1f} GB/s, " \
+        f"{result['threads']} threads, {result['new_tokens']} new tokens"  # fmt: skip
+
+
+def quantize_table(result: dict) -> str:
+    lines = ["| scheme | perplexity | change | built-in weights MB | Llama 2 7B weights GB | max logit diff, random 110M |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        ppl = f"{r['perplexity']:.3f} | {r['perplexity_change']:+.2%}" if "perplexity" in r else "- | -"
+        lines.append(f"| {r['scheme']} | {ppl} | {r['builtin_weight_bytes'] / 1e6:.1f} | "
+                     f"{r['llama2_7b_weight_bytes'] / 1e9:.2f} | {r['random_110m_max_logit_diff']:.3f} "
+                     f"(logits up to {r['random_110m_logit_scale']:.1f}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        data = json.loads(Path(path).read_text())
+        print(f"<!-- {path} -->")
+        print(speed_table(data) if "shapes" in data else quantize_table(data), end="\n\n")
