@@ -54,7 +54,9 @@ def test_transformers_loads_our_export_with_equal_logits(make_ckpt, tmp_path, pa
     transformers = pytest.importorskip("transformers")
     folder, _ = make_ckpt(params, n_shards)
     hf = meta_folder_to_hf(folder, tmp_path / "hf")
-    theirs = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32, attn_implementation="eager")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(
+        hf, torch_dtype=torch.float32, attn_implementation="eager", local_files_only=True  # a folder written here
+    )
     x = tokens(params["vocab_size"])
     with torch.no_grad():
         expected = theirs.eval()(input_ids=x).logits.float()
