@@ -204,7 +204,6 @@ def save_checkpoint(
     for what, count in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
         if count % n_shards:
             raise ValueError(f"n_shards={n_shards} does not divide {what}={count}")
-    names = ["params.json"]
     (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
     for i in range(n_shards):
         shard = {}
@@ -212,8 +211,13 @@ def save_checkpoint(
             dim = 1 if key == "tok_embeddings.weight" else split_dim(key, tensor.shape, args)
             piece = tensor if dim is None else tensor.chunk(n_shards, dim)[i]
             shard[key] = piece.detach().to("cpu").contiguous().clone()  # a view would save all
-        name = f"consolidated.{i:02d}.pth"
-        torch.save(shard, out / name)
-        names.append(name)
-    (out / "checklist.chk").write_text("".join(f"{md5(out / n)}  {n}\n" for n in sorted(names)))
+        torch.save(shard, out / f"consolidated.{i:02d}.pth")
+    write_checklist(out)
     return out
+
+
+def write_checklist(folder: Path) -> list[str]:
+    """checklist.chk (`md5sum -c` format) over every other file in folder; returns their names."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != "checklist.chk")
+    (folder / "checklist.chk").write_text("".join(f"{md5(folder / n)}  {n}\n" for n in names))
+    return names

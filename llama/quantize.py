@@ -135,18 +135,16 @@ def save_quantized(model: Transformer, out_dir: str | os.PathLike, tokenizer_pat
     """A folder that loads without quantizing again: params.json, quantization.json and one
     consolidated.00.pth of quantized tensors (not Meta's layout, so never split into shards),
     the tokenizer, and checklist.chk over all of them."""
-    from llama.checkpoint import md5
+    from llama.checkpoint import write_checklist
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(model.params.to_params(), indent=2) + "\n")
     (out / QUANT_FILE).write_text(json.dumps(model.quantization) + "\n")
     torch.save({k: v.to("cpu") for k, v in model.state_dict().items()}, out / "consolidated.00.pth")
-    names = ["consolidated.00.pth", "params.json", QUANT_FILE]
     if tokenizer_path is not None:
         shutil.copy(tokenizer_path, out / "tokenizer.model")
-        names.append("tokenizer.model")
-    (out / "checklist.chk").write_text("".join(f"{md5(out / n)}  {n}\n" for n in names))
+    write_checklist(out)
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import fire
 import torch
 
-from llama.checkpoint import md5, save_checkpoint
+from llama.checkpoint import save_checkpoint, write_checklist
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
 from llama.training import TrainConfig, train, train_tokenizer
@@ -76,8 +76,7 @@ def main(
     state_dict = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     out = save_checkpoint(state_dict, args, out_dir, n_shards=2)
     (out / "tokenizer.model").write_bytes(tokenizer_proto)
-    names = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "checklist.chk")
-    (out / "checklist.chk").write_text("".join(f"{md5(out / n)}  {n}\n" for n in names))
+    names = write_checklist(out)
     print(f"wrote {out}: {', '.join(names)}, checklist.chk")
 
 

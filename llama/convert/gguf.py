@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from llama.checkpoint import cast, find_tokenizer, load_merged, md5, save_checkpoint
+from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint, write_checklist
 from llama.convert import run_cli
 from llama.convert.hf import ffn_params
 from llama.model import ModelArgs, Transformer
@@ -283,9 +283,7 @@ def gguf_to_meta_folder(
     state_dict, args, tokenizer_model = read_gguf(path, dtype)
     out = save_checkpoint(state_dict, args, out_dir, n_shards)
     (out / "tokenizer.model").write_bytes(tokenizer_model)
-    checklist = out / "checklist.chk"
-    names = [line.split(maxsplit=1)[1] for line in checklist.read_text().splitlines()] + ["tokenizer.model"]
-    checklist.write_text("".join(f"{md5(out / n)}  {n}\n" for n in sorted(names)))
+    write_checklist(out)
     logger.info("wrote %s from %s: %d shard(s)", out, path, n_shards)
     return out
 
