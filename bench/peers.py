@@ -39,6 +39,7 @@ class Ours:
         import torch
 
         from llama import LLaMa
+        from llama.packed import weight_bytes
 
         torch.set_num_threads(threads)
         # ours-fp16: float16 weights and math on the CPU; ours-int8 / ours-int4: bf16 with quantized linears
@@ -46,7 +47,7 @@ class Ours:
         quantize = variant if variant in ("int8", "int4") else None
         self.llm = LLaMa.build(path, max_seq_len=max_len, max_batch_size=max_batch, device="cpu", dtype=dtype,
                                quantize=quantize)  # fmt: skip
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.llm.model.state_dict().values())
+        self.weight_bytes = weight_bytes(self.llm.model)  # state_dict() would unpack packed weights
 
     def generate(self, batch: list[list[int]], new_tokens: int) -> int:
         tokens, _ = self.llm.generate(batch, new_tokens, temperature=0)

@@ -15,13 +15,10 @@ import torch
 
 from llama import LLaMa
 from llama.model import ModelArgs, Transformer
+from llama.packed import weight_bytes
 from llama.quantize import make_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def state_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 @torch.inference_mode()
@@ -44,7 +41,7 @@ def seven_b_bytes(scheme: str | None) -> int:
         model = Transformer(args).to(torch.bfloat16)
         if scheme:
             make_quantized(model, scheme, quantize=False)
-    return state_bytes(model)
+    return weight_bytes(model)
 
 
 def main() -> None:
@@ -61,7 +58,7 @@ def main() -> None:
     for scheme in (None, "int8", "int4"):
         row = {"scheme": scheme or "bf16"}
         llm = LLaMa.build(max_seq_len=opts.window + 1, max_batch_size=1, device="cpu", dtype="bfloat16", quantize=scheme)
-        row["builtin_weight_bytes"] = state_bytes(llm.model)
+        row["builtin_weight_bytes"] = weight_bytes(llm.model)
         if text is not None:
             held_out = text[int(len(text) * 0.9) :]
             ids = llm.tokenizer.encode(held_out, bos=False, eos=False)[: opts.tokens + opts.window]

@@ -5,9 +5,11 @@ writes them back the way Meta splits them. Tensors never pass through pickle cod
 every load is `weights_only=True`.
 """
 
+import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
 import pickle
 from pathlib import Path
@@ -39,6 +41,39 @@ def read_params(ckpt_dir: str | os.PathLike) -> ModelArgs:
     if args.extra:
         logger.info("%s: keeping keys this version does not use: %s", path, sorted(args.extra))
     return args
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed memory mappings (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):  # a path: mapped from a file
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+def release_mapped(tensors: list[torch.Tensor]) -> None:
+    """Give back the resident pages of weights read from an mmap'd shard once they have been
+    consumed (packed or quantized into new memory), so a transform while loading peaks near the
+    size of its result, not the file plus the result. Only whole pages inside file-backed
+    mappings are dropped: the file still holds their bytes, and anonymous memory is never touched."""
+    spans = _file_mappings()
+    if not spans:
+        return
+    madvise = ctypes.CDLL(None).madvise
+    page = mmap.PAGESIZE
+    for t in tensors:
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        lo, hi = -(-lo // page) * page, hi // page * page
+        if hi > lo and any(s <= lo and hi <= e for s, e in spans):
+            madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
 def find_tokenizer(ckpt_dir: Path) -> Path | None:
@@ -131,8 +166,8 @@ class MetaCheckpoint:
     def load_into(self, model: Transformer) -> None:
         """Fill `model` (allocated, e.g. by to_empty) strictly, shard by shard, then close the shards.
 
-        Each shard is released once copied, so peak memory is the model plus one shard. A single
-        shard already in the model's dtype on the CPU is used in place (mmap, no copy at all).
+        Each tensor's pages are given back once copied, so peak memory is about the model's size. A
+        single shard already in the model's dtype on the CPU is used in place (mmap, no copy at all).
         """
         expected = model.state_dict()
         missing, unexpected = sorted(expected.keys() - self.shapes.keys()), sorted(self.shapes.keys() - expected.keys())
@@ -161,6 +196,8 @@ class MetaCheckpoint:
                         target.copy_(tensor)
                     elif not torch.equal(target, tensor.to(target)):
                         raise ValueError(f"{self.paths[i]} disagrees with {self.paths[0]} on replicated {key}")
+                    if key not in in_place:
+                        release_mapped([tensor])  # copied: its file pages need not stay resident
                 del shard
         if in_place:
             model.load_state_dict(in_place, strict=True, assign=True)

@@ -68,7 +68,7 @@ def decode(
     stop: list[str] | None = None,
 ) -> Generator[list[StreamEvent], None, Decoded]:
     """Run Meta's loop; with want_text or stop, yield each step's StreamEvents. Returns Decoded."""
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device  # never packed or quantized
     bsz, stop = len(prompt_tokens), stop or []
     want_text = want_text or bool(stop)
     prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)

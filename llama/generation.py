@@ -14,6 +14,7 @@ import torch
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, read_params
 from llama.decoding import Decoded, StreamEvent, decode
+from llama import packed
 from llama.model import ModelArgs, Transformer
 from llama.quantize import SCHEMES, load_quantized, make_quantized, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
@@ -92,7 +93,7 @@ class LLaMa:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, seed: int = 1):
         self.model = model
         self.tokenizer = tokenizer
-        self.device = model.output.weight.device
+        self.device = model.tok_embeddings.weight.device
         # Meta seeds the global RNG once in build; an owned generator draws the same sequence.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -107,12 +108,14 @@ class LLaMa:
         dtype: str | torch.dtype | None = None,
         seed: int = 1,
         quantize: str | None = None,
+        pack: bool | None = None,
     ) -> "LLaMa":
         """Load a Meta checkpoint folder (any number of shards; the built-in Shakespeare model when
         omitted) onto one device, with its tokenizer. load_model=False builds the architecture with
         random weights, from a folder's params.json or a preset name in params/ ("llama-2-7b").
         quantize="int8" | "int4" quantizes the linear layers after loading (see llama.quantize);
-        a folder written by llama.quantize.save_quantized loads already quantized.
+        a folder written by llama.quantize.save_quantized loads already quantized. pack: the
+        remaining linears in oneDNN's layout (llama.packed); None packs where it pays (bf16 on CPU).
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")
@@ -150,6 +153,10 @@ class LLaMa:
             model.init_weights(torch.Generator(device=device).manual_seed(seed))
         if quantize is not None:
             make_quantized(model, quantize)
+        if pack or (pack is None and packed.supported(device, dtype)):
+            if not packed.supported(device, dtype):
+                raise ValueError(f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels, not {dtype} on {device}")
+            packed.pack_linears(model)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
         logger.info("built %s on %s in %s: %.1f MB of weights", path, device, dtype, weight_bytes / 1e6)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.checkpoint import release_mapped
 from llama.model import Transformer
+from llama.packed import PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ class Int4Linear(nn.Module):
 def _linears(model: Transformer):
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
-            if isinstance(child, nn.Linear):
+            if isinstance(child, (nn.Linear, PackedLinear)):  # a packed one gives its dense weight back
                 yield module, child_name, f"{name}.{child_name}".lstrip(".")
 
 
@@ -126,6 +128,7 @@ def make_quantized(model: Transformer, scheme: str, group_size: int = 32, quanti
                 q = Int4Linear(linear.in_features, linear.out_features, group_size, dtype)
         if quantize:
             q.quantize_(linear.weight)
+            release_mapped([linear.weight])  # the bf16 matrix's pages, when it lies in an mmap'd shard
         setattr(parent, child_name, q)
     model.quantization = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None}
     return model
