@@ -31,7 +31,7 @@ def status(field):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
-folder, dtype, pack = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+folder, dtype, pack, quantize = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:5])
 t = time.perf_counter()
 for p in sorted(Path(folder).glob("consolidated.*.pth")):
     with open(p, "rb") as f:
@@ -40,7 +40,8 @@ for p in sorted(Path(folder).glob("consolidated.*.pth")):
 read_s = time.perf_counter() - t
 base = status("VmRSS")
 t = time.perf_counter()
-llm = LLaMa.build(folder, max_seq_len=8, max_batch_size=1, dtype=dtype, device="cpu", pack=pack)
+llm = LLaMa.build(folder, max_seq_len=8, max_batch_size=1, dtype=dtype, device="cpu", pack=pack,
+                   quantize=quantize)
 load_s = time.perf_counter() - t
 weights = weight_bytes(llm.model)
 peak_load = status("VmHWM") - base
@@ -69,22 +70,29 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp) / "tokenizer.model")  # found in the checkpoint's parent folder
-        # pack: None is build's default (oneDNN-packed bf16 linears on the CPU), False keeps nn.Linear
-        for n_shards, dtype, pack in ((1, "bfloat16", None), (2, "bfloat16", None), (1, "bfloat16", False),
-                                      (1, "float32", None)):  # fmt: skip
+        # pack: None is build's default (oneDNN-packed bf16 linears on the CPU), False keeps nn.Linear.
+        # quantize while loading: the int8 model's peak against its own (int8) weight bytes.
+        for n_shards, dtype, pack, quantize in ((1, "bfloat16", None, None), (2, "bfloat16", None, None),
+                                                (1, "bfloat16", False, None), (1, "float32", None, None),
+                                                (1, "bfloat16", None, "int8")):  # fmt: skip
             folder = Path(tmp) / f"mp{n_shards}"
             if not folder.exists():
                 save_checkpoint(model.state_dict(), args, folder, n_shards)
-            r = subprocess.run([sys.executable, "-c", MEASURE, str(folder), dtype, json.dumps(pack)], capture_output=True, text=True)
+            cmd = [sys.executable, "-c", MEASURE, str(folder), dtype, json.dumps(pack), json.dumps(quantize)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 sys.exit(r.stderr)
-            row = dict(shards=n_shards, dtype=dtype, pack=pack, **json.loads(r.stdout.strip().splitlines()[-1]))
+            row = dict(shards=n_shards, dtype=dtype, pack=pack, quantize=quantize)
+            row.update(json.loads(r.stdout.strip().splitlines()[-1]))
             row["file_bytes"] = sum(p.stat().st_size for p in folder.glob("consolidated.*.pth"))
             rows.append(row)
-    print(f"{'shards':>6} {'dtype':>9} {'pack':>5} {'weights MB':>10} {'peak RSS MB':>11} {'peak/weights':>12} {'load s':>7} {'read s':>7}")
+    heads = ("shards", "dtype", "pack", "quantize", "weights MB", "peak RSS MB", "peak/weights", "load s", "read s")
+    print(" ".join(f"{h:>12}" for h in heads))
     for r in rows:
-        print(f"{r['shards']:>6} {r['dtype']:>9} {str(r['pack']):>5} {r['weight_bytes'] / 1e6:>10.0f} {r['peak_rss_bytes'] / 1e6:>11.0f} "
-              f"{r['peak_rss_bytes'] / r['weight_bytes']:>12.2f} {r['load_s']:>7.2f} {r['read_s']:>7.2f}")  # fmt: skip
+        cells = [r["shards"], r["dtype"], r["pack"], r["quantize"], f"{r['weight_bytes'] / 1e6:.0f}",
+                 f"{r['peak_rss_bytes'] / 1e6:.0f}", f"{r['peak_rss_bytes'] / r['weight_bytes']:.2f}",
+                 f"{r['load_s']:.2f}", f"{r['read_s']:.2f}"]  # fmt: skip
+        print(" ".join(f"{str(c):>12}" for c in cells))
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(dict(args=args.to_params(), torch=torch.__version__, rows=rows), indent=2))
 

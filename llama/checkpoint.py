@@ -156,6 +156,11 @@ class MetaCheckpoint:
             shapes[key] = torch.Size(merged)
         return shapes
 
+    def maps_in_place(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether load_into will use the shard's own mmap'd tensors as the weights: one shard,
+        already in dtype, loaded onto the CPU. Only then is nothing but the mapping resident."""
+        return len(self.shards) == 1 and device.type == "cpu" and all(t.dtype == dtype for t in self.shards[0].values())
+
     @property
     def vocab_size(self) -> int:
         return self.shapes["tok_embeddings.weight"][0]

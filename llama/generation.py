@@ -137,8 +137,13 @@ class LLaMa:
             model = Transformer(args)
             if kind == "quantized":
                 make_quantized(model.to(dtype), source["scheme"], source["group_size"] or 32, quantize=False)
+            # Quantizing a mapped shard keeps one float matrix resident at a time; otherwise the
+            # float model is whole in memory first.
+            final = model
+            if quantize is not None and kind == "meta" and source.maps_in_place(dtype, device):
+                final = make_quantized(Transformer(args).to(dtype), quantize, quantize=False)
         weight_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.itemsize)
-                           for t in model.state_dict().values())  # fmt: skip
+                           for t in final.state_dict().values())  # fmt: skip
         cache_bytes = 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * dtype.itemsize
         check_fits(weight_bytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
 

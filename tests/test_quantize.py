@@ -1,9 +1,14 @@
 """Weight-only int8 / int4: kernels against dequantized references, error bounds, saved folders."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import GQA
+from conftest import GQA, write_checkpoint
 from llama import LLaMa
 from llama.quantize import Int4Linear, Int8Linear, make_quantized, save_quantized
 
@@ -74,9 +79,6 @@ def test_bad_scheme_is_refused_before_loading(make_ckpt):
 
 
 def test_quantize_command_writes_a_folder_that_checks_out(make_ckpt, tmp_path):
-    import subprocess
-    import sys
-
     folder, _ = make_ckpt(GQA, 2)
     r = subprocess.run([sys.executable, "-m", "llama.quantize", str(folder), str(tmp_path / "q8")],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -84,3 +86,38 @@ def test_quantize_command_writes_a_folder_that_checks_out(make_ckpt, tmp_path):
     check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=tmp_path / "q8", capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(": OK") == 4
     assert LLaMa.build(tmp_path / "q8", max_seq_len=8).model.quantization == {"scheme": "int8", "group_size": None}
+
+
+PEAK = r"""
+import json, sys
+from llama import LLaMa
+from llama.packed import weight_bytes
+
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+import torch
+torch.empty_like(torch.empty(1, device="meta"), device="cpu")  # torch's one-time cost (~35 MB), not the model's
+base = status("VmRSS")
+llm = LLaMa.build(sys.argv[1], tokenizer_path=sys.argv[2], max_seq_len=8, max_batch_size=1, dtype="bfloat16",
+                  device="cpu", quantize="int8")
+print(json.dumps({"peak": status("VmHWM") - base, "weights": weight_bytes(llm.model)}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+def test_quantizing_a_mapped_shard_never_holds_the_float_model(tmp_path, sp_model_path):
+    """Meta's 7B is one bf16 shard: quantized while loading, it must fit where the bf16 model would not."""
+    params = dict(dim=1024, n_layers=8, n_heads=8, vocab_size=96, multiple_of=256, norm_eps=1e-5)
+    sd = write_checkpoint(tmp_path / "m", params, dtype=torch.bfloat16)
+    bf16_bytes = sum(t.numel() * 2 for t in sd.values())  # 206 MB
+    del sd
+    # At 7B every matrix is past glibc's largest heap threshold, so freed temporaries go straight
+    # back to the system; a fixed threshold gives this small model's matrices the same treatment.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    r = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / "m"), str(sp_model_path)],
+                       capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["weights"] < 0.55 * bf16_bytes
+    assert got["peak"] < 0.7 * bf16_bytes, (got, bf16_bytes)  # the int8 weights and one float matrix
