@@ -24,7 +24,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 from llama import LLaMa
-from llama.packed import weight_bytes
+from llama.cpu import weight_bytes
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -70,11 +70,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp) / "tokenizer.model")  # found in the checkpoint's parent folder
-        # pack: None is build's default (oneDNN-packed bf16 linears on the CPU), False keeps nn.Linear.
-        # quantize while loading: the int8 model's peak against its own (int8) weight bytes.
-        for n_shards, dtype, pack, quantize in ((1, "bfloat16", None, None), (2, "bfloat16", None, None),
-                                                (1, "bfloat16", False, None), (1, "float32", None, None),
-                                                (1, "bfloat16", None, "int8")):  # fmt: skip
+        # pack=True: oneDNN-packed copies of the linears (llama.cpu); quantize: quantized while loading,
+        # its peak set against its own (int8) weight bytes.
+        for n_shards, dtype, pack, quantize in ((1, "bfloat16", False, None), (2, "bfloat16", False, None),
+                                                (1, "bfloat16", True, None), (1, "float32", False, None),
+                                                (1, "bfloat16", False, "int8")):  # fmt: skip
             folder = Path(tmp) / f"mp{n_shards}"
             if not folder.exists():
                 save_checkpoint(model.state_dict(), args, folder, n_shards)

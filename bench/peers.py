@@ -39,14 +39,15 @@ class Ours:
         import torch
 
         from llama import LLaMa
-        from llama.packed import weight_bytes
+        from llama.cpu import weight_bytes
 
         torch.set_num_threads(threads)
-        # ours-fp16: float16 weights and math on the CPU; ours-int8 / ours-int4: bf16 with quantized linears
+        # ours-fp16: float16 weights and math on the CPU; ours-int8 / ours-int4: bf16 with quantized linears;
+        # ours-packed: bf16 weights in oneDNN's layout (pack=True)
         dtype = variant if variant in ("fp16", "fp32") else "bfloat16"
         quantize = variant if variant in ("int8", "int4") else None
         self.llm = LLaMa.build(path, max_seq_len=max_len, max_batch_size=max_batch, device="cpu", dtype=dtype,
-                               quantize=quantize)  # fmt: skip
+                               quantize=quantize, pack=variant == "packed")  # fmt: skip
         self.weight_bytes = weight_bytes(self.llm.model)  # state_dict() would unpack packed weights
 
     def generate(self, batch: list[list[int]], new_tokens: int) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from llama import LLaMa
 from llama.model import ModelArgs, Transformer
-from llama.packed import weight_bytes
+from llama.cpu import weight_bytes
 from llama.quantize import make_quantized
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ SHAPES = {  # params.json of each shape; vocab 32000 as in Llama 2
     "110m": dict(dim=768, n_layers=12, n_heads=12, multiple_of=256),
     "1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256),  # TinyLlama: FFN 5632
 }
-PEERS = ("ours", "hf", "llamacpp")
+PEERS = ("ours", "ours-packed", "hf", "llamacpp")
 # Quantized variants, for the quantization comparison: this project's int8/int4 and llama.cpp's own.
 VARIANTS = ("ours-fp16", "ours-int8", "ours-int4", "llamacpp-q8_0", "llamacpp-q4_0")
 WORKLOADS = ("decode_b1", "prefill_512", "decode_b8", "decode_b32")
@@ -105,7 +105,9 @@ def main() -> None:
     shapes, peers, workloads = opts.shapes.split(","), opts.peers.split(","), opts.workloads.split(",")
     available = [p for p in peers if peer_available(p)]
     for p in set(peers) - set(available):
-        print(f"skipping {p}: {PEER_PACKAGES[p.split('-')[0]]} is not installed (pip install -e '.[bench]')")
+        why = "this CPU's oneDNN has no bf16 kernels" if p == "ours-packed" else \
+            f"{PEER_PACKAGES[p.split('-')[0]]} is not installed (pip install -e '.[bench]')"  # fmt: skip
+        print(f"skipping {p}: {why}")
     bw = bandwidth_gbs(64 if opts.smoke else 1024)
     print(f"memory bandwidth (copy): {bw:.1f} GB/s, threads: {opts.threads}")
 
@@ -132,6 +134,10 @@ PEER_PACKAGES = {"ours": "torch", "hf": "transformers", "llamacpp": "llama_cpp"}
 def peer_available(peer: str) -> bool:
     import importlib.util
 
+    if peer == "ours-packed":
+        from llama.cpu import onednn_bf16
+
+        return onednn_bf16()
     return importlib.util.find_spec(PEER_PACKAGES[peer.split("-")[0]]) is not None
 
 

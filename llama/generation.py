@@ -14,7 +14,7 @@ import torch
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, read_params
 from llama.decoding import Decoded, StreamEvent, decode
-from llama import packed
+from llama import cpu
 from llama.model import ModelArgs, Transformer
 from llama.quantize import SCHEMES, load_quantized, make_quantized, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
@@ -108,14 +108,15 @@ class LLaMa:
         dtype: str | torch.dtype | None = None,
         seed: int = 1,
         quantize: str | None = None,
-        pack: bool | None = None,
+        pack: bool = False,
     ) -> "LLaMa":
         """Load a Meta checkpoint folder (any number of shards; the built-in Shakespeare model when
         omitted) onto one device, with its tokenizer. load_model=False builds the architecture with
         random weights, from a folder's params.json or a preset name in params/ ("llama-2-7b").
         quantize="int8" | "int4" quantizes the linear layers after loading (see llama.quantize);
-        a folder written by llama.quantize.save_quantized loads already quantized. pack: the
-        remaining linears in oneDNN's layout (llama.packed); None packs where it pays (bf16 on CPU).
+        a folder written by llama.quantize.save_quantized loads already quantized. On the CPU in
+        bf16, batch-1 steps use ATen's matrix-vector kernel; pack=True keeps the weights in oneDNN's
+        layout instead, faster for batches and prompts, slower at batch 1 (see llama.cpu).
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")
@@ -123,6 +124,8 @@ class LLaMa:
             raise ValueError(f"quantize={quantize!r}: use one of {', '.join(SCHEMES)}, or None")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if pack and not (device.type == "cpu" and dtype == torch.bfloat16 and cpu.onednn_bf16()):
+            raise ValueError(f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels, not {dtype} on {device}")
         path = Path(BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir)
         args, (kind, source), proto = _open_weights(path, load_model, dtype, quantize)
         tokenizer = _load_tokenizer(path, tokenizer_path, proto, args, required=load_model)
@@ -158,10 +161,10 @@ class LLaMa:
             model.init_weights(torch.Generator(device=device).manual_seed(seed))
         if quantize is not None:
             make_quantized(model, quantize)
-        if pack or (pack is None and packed.supported(device, dtype)):
-            if not packed.supported(device, dtype):
-                raise ValueError(f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels, not {dtype} on {device}")
-            packed.pack_linears(model)
+        if pack:
+            cpu.pack_linears(model)
+        elif device.type == "cpu" and dtype == torch.bfloat16:
+            cpu.route_rows(model)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
         logger.info("built %s on %s in %s: %.1f MB of weights", path, device, dtype, weight_bytes / 1e6)

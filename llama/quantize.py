@@ -18,7 +18,7 @@ from torch import nn
 
 from llama.checkpoint import release_mapped
 from llama.model import Transformer
-from llama.packed import PackedLinear
+from llama.cpu import PackedLinear
 
 logger = logging.getLogger(__name__)
 

@@ -91,7 +91,7 @@ def test_quantize_command_writes_a_folder_that_checks_out(make_ckpt, tmp_path):
 PEAK = r"""
 import json, sys
 from llama import LLaMa
-from llama.packed import weight_bytes
+from llama.cpu import weight_bytes
 
 def status(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))

@@ -1,0 +1,94 @@
+"""What the matrix-vector kernels alone allow at batch 1: every linear of one decode step of a
+shape (random weights), run back to back with one input row, in each kernel PyTorch offers on
+this CPU. The step time of the linears bounds decode tokens/s before any other work is counted.
+
+    python bench/kernels.py [--shapes 110m,1.1b] [--out bench/results/kernels.json]
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from speed import SHAPES, bandwidth_gbs
+
+from llama.model import ModelArgs
+
+
+def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    """(out, in) of every linear one decode step runs: 7 per layer, then the output projection."""
+    kv, ffn = args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    layer = [(args.dim, args.dim), (kv, args.dim), (kv, args.dim), (args.dim, args.dim),
+             (ffn, args.dim), (ffn, args.dim), (args.dim, ffn)]  # fmt: skip
+    return layer * args.n_layers + [(args.vocab_size, args.dim)]
+
+
+def kernels(weights: list[torch.Tensor]) -> dict:
+    """name -> (callable for one weight and input, prepared weight); each kernel's own layout."""
+
+    def onednn_off(x, w):
+        with torch.backends.mkldnn.flags(enabled=False):
+            return F.linear(x, w)
+
+    def int8(w):
+        scales = (w.float().abs().amax(dim=1) / 127).to(torch.bfloat16)
+        return torch.round(w.float() / scales.float()[:, None]).to(torch.int8), scales
+
+    return {
+        "bf16 oneDNN packed (default)": (lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+                                         torch.ops.mkldnn._reorder_linear_weight, torch.bfloat16),
+        "bf16 F.linear (oneDNN)": (F.linear, None, torch.bfloat16),
+        "bf16 F.linear, oneDNN off": (onednn_off, None, torch.bfloat16),
+        "fp16 F.linear": (F.linear, lambda w: w.half(), torch.float16),
+        "int8 _weight_int8pack_mm": (lambda x, w: torch.ops.aten._weight_int8pack_mm(x, *w), int8, torch.bfloat16),
+    }  # fmt: skip
+
+
+def time_step(calls: list, repeats: int) -> float:
+    """Median seconds of running every call once, back to back."""
+    times = []
+    for _ in range(repeats + 1):  # the first pass warms up
+        t = time.perf_counter()
+        for call in calls:
+            call()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="110m,1.1b")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", default="bench/results/kernels.json")
+    opts = ap.parse_args()
+    bw = bandwidth_gbs()
+    print(f"memory bandwidth (copy): {bw:.1f} GB/s, threads: {torch.get_num_threads()}")
+    results = {"bandwidth_gbs": bw, "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": {}}
+    gen = torch.Generator().manual_seed(0)
+    for shape in opts.shapes.split(","):
+        args = ModelArgs(**SHAPES[shape], vocab_size=32000)
+        dense = [torch.randn(o, i, generator=gen).to(torch.bfloat16) for o, i in step_shapes(args)]
+        bf16_bytes = sum(w.numel() * 2 for w in dense)
+        rows = {}
+        for name, (fn, prepare, dtype) in kernels(dense).items():
+            inputs = {d: torch.randn(1, d, generator=gen).to(dtype) for d in {w.shape[1] for w in dense}}
+            weights = [(prepare(w) if prepare else w, inputs[w.shape[1]]) for w in dense]
+            seconds = time_step([lambda w=w, x=x: fn(x, w) for w, x in weights], opts.repeats)
+            rows[name] = {"step_ms": seconds * 1e3, "bf16_equivalent_gbs": bf16_bytes / seconds / 1e9,
+                          "tokens_per_s_bound": 1 / seconds}  # fmt: skip
+            del weights
+            print(f"{shape:<5} {name:<30} {seconds * 1e3:8.2f} ms/step {bf16_bytes / seconds / 1e9:6.1f} GB/s (bf16 "
+                  f"bytes) -> at most {1 / seconds:6.1f} tokens/s")  # fmt: skip
+        results["shapes"][shape] = {"bf16_weight_bytes": bf16_bytes, "kernels": rows}
+        del dense
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
