@@ -35,6 +35,13 @@ def _warn_fallback(device: torch.device, scheme: str) -> None:
         logger.warning("%s on %s: no packed kernel is used here; weights are dequantized on each call", scheme, device)
 
 
+def _row_blocks(w: torch.Tensor, elements: int = 1 << 20):
+    """Slices of about `elements` weights: float32 temporaries of a few MB, whatever the matrix
+    (rows are quantized independently), so quantizing while loading never holds much beside the result."""
+    step = max(1, elements // w.shape[1])
+    return (slice(lo, lo + step) for lo in range(0, w.shape[0], step))
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -44,10 +51,12 @@ class Int8Linear(nn.Module):
 
     @torch.no_grad()
     def quantize_(self, w: torch.Tensor) -> "Int8Linear":
-        # Round with the scales as stored, so dequantizing is exact to half a step.
-        scales = (w.float().abs().amax(dim=1).clamp(min=1e-8) / 127).to(self.scales.dtype).float()
-        self.weight.copy_(torch.round(w.float() / scales[:, None]).clamp(-127, 127))
-        self.scales.copy_(scales)
+        for rows in _row_blocks(w):
+            # Round with the scales as stored, so dequantizing is exact to half a step.
+            block = w[rows].float()
+            scales = (block.abs().amax(dim=1).clamp(min=1e-8) / 127).to(self.scales.dtype).float()
+            self.weight[rows] = torch.round(block / scales[:, None]).clamp(-127, 127)
+            self.scales[rows] = scales
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,14 +82,15 @@ class Int4Linear(nn.Module):
 
     @torch.no_grad()
     def quantize_(self, w: torch.Tensor) -> "Int4Linear":
-        groups = w.float().reshape(self.out_features, -1, self.group_size)
-        lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-        dtype = self.scales_and_zeros.dtype  # round with scale and zero as stored
-        scales = ((hi - lo).clamp(min=1e-8) / 15).to(dtype).float()
-        zeros = (lo + 8 * scales).to(dtype).float()
-        q = torch.round((groups - zeros) / scales + 8).clamp(0, 15).to(torch.uint8).reshape(self.out_features, -1)
-        self.weight.copy_(q[:, ::2] << 4 | q[:, 1::2])
-        self.scales_and_zeros.copy_(torch.stack([scales, zeros], dim=-1).squeeze(2).transpose(0, 1))
+        for rows in _row_blocks(w):
+            groups = w[rows].float().reshape(-1, self.in_features // self.group_size, self.group_size)
+            lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+            dtype = self.scales_and_zeros.dtype  # round with scale and zero as stored
+            scales = ((hi - lo).clamp(min=1e-8) / 15).to(dtype).float()
+            zeros = (lo + 8 * scales).to(dtype).float()
+            q = torch.round((groups - zeros) / scales + 8).clamp(0, 15).to(torch.uint8).flatten(1)
+            self.weight[rows] = q[:, ::2] << 4 | q[:, 1::2]
+            self.scales_and_zeros[:, rows] = torch.stack([scales, zeros], dim=-1).squeeze(2).transpose(0, 1)
         self._packed = None
         return self
 
