@@ -62,6 +62,7 @@ def complete(
     stop: list[str] | None = None,
     stream: bool | None = None,
     quantize: str | None = None,
+    pack: bool = False,
     verbose: bool = False,
 ) -> None:
     """Complete prompts (repeat --prompt, or --prompts_file) with a Meta checkpoint folder
@@ -72,7 +73,7 @@ def complete(
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     prompts = prompts or EXAMPLE_PROMPTS
     llm = LLaMa.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                      device=device, dtype=dtype, seed=seed, quantize=quantize)  # fmt: skip
+                      device=device, dtype=dtype, seed=seed, quantize=quantize, pack=pack)  # fmt: skip
     options = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,
                    repetition_penalty=repetition_penalty, stop=stop)  # fmt: skip
     stream = sys.stdout.isatty() if stream is None else stream

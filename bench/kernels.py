@@ -1,6 +1,7 @@
 """What the matrix-vector kernels alone allow at batch 1: every linear of one decode step of a
-shape (random weights), run back to back with one input row, in each kernel PyTorch offers on
-this CPU. The step time of the linears bounds decode tokens/s before any other work is counted.
+shape (random weights), run back to back with one input row, as each linear module this project
+(or plain PyTorch) can run. The step time of the linears bounds decode tokens/s before any other
+work is counted.
 
     python bench/kernels.py [--shapes 110m,1.1b] [--out bench/results/kernels.json]
 """
@@ -12,11 +13,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from speed import SHAPES, bandwidth_gbs
 
+from llama.cpu import GemvLinear, PackedLinear
 from llama.model import ModelArgs
+from llama.quantize import Int8Linear
 
 
 def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:
@@ -27,25 +30,21 @@ def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:
     return layer * args.n_layers + [(args.vocab_size, args.dim)]
 
 
-def kernels(weights: list[torch.Tensor]) -> dict:
-    """name -> (callable for one weight and input, prepared weight); each kernel's own layout."""
+def kernels() -> dict:
+    """name -> (the module this project or plain PyTorch runs for a bf16 weight, input dtype)."""
 
-    def onednn_off(x, w):
-        with torch.backends.mkldnn.flags(enabled=False):
-            return F.linear(x, w)
-
-    def int8(w):
-        scales = (w.float().abs().amax(dim=1) / 127).to(torch.bfloat16)
-        return torch.round(w.float() / scales.float()[:, None]).to(torch.int8), scales
+    def linear(w: torch.Tensor, cls=nn.Linear) -> nn.Module:
+        module = cls(w.shape[1], w.shape[0], bias=False, device="meta")
+        module.weight = nn.Parameter(w, requires_grad=False)
+        return module
 
     return {
-        "bf16 oneDNN packed (default)": (lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-                                         torch.ops.mkldnn._reorder_linear_weight, torch.bfloat16),
-        "bf16 F.linear (oneDNN)": (F.linear, None, torch.bfloat16),
-        "bf16 F.linear, oneDNN off": (onednn_off, None, torch.bfloat16),
-        "fp16 F.linear": (F.linear, lambda w: w.half(), torch.float16),
-        "int8 _weight_int8pack_mm": (lambda x, w: torch.ops.aten._weight_int8pack_mm(x, *w), int8, torch.bfloat16),
-    }  # fmt: skip
+        "bf16 GemvLinear (default)": (lambda w: linear(w, GemvLinear), torch.bfloat16),
+        "bf16 PackedLinear (pack=True)": (PackedLinear, torch.bfloat16),
+        "bf16 nn.Linear (plain PyTorch)": (linear, torch.bfloat16),
+        "fp16 nn.Linear (dtype=float16)": (lambda w: linear(w.half()), torch.float16),
+        "int8 Int8Linear (quantize=int8)": (lambda w: Int8Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
+    }
 
 
 def time_step(calls: list, repeats: int) -> float:
@@ -74,10 +73,11 @@ def main() -> None:
         dense = [torch.randn(o, i, generator=gen).to(torch.bfloat16) for o, i in step_shapes(args)]
         bf16_bytes = sum(w.numel() * 2 for w in dense)
         rows = {}
-        for name, (fn, prepare, dtype) in kernels(dense).items():
+        for name, (make, dtype) in kernels().items():
             inputs = {d: torch.randn(1, d, generator=gen).to(dtype) for d in {w.shape[1] for w in dense}}
-            weights = [(prepare(w) if prepare else w, inputs[w.shape[1]]) for w in dense]
-            seconds = time_step([lambda w=w, x=x: fn(x, w) for w, x in weights], opts.repeats)
+            weights = [(make(w), inputs[w.shape[1]]) for w in dense]
+            with torch.inference_mode():
+                seconds = time_step([lambda m=m, x=x: m(x) for m, x in weights], opts.repeats)
             rows[name] = {"step_ms": seconds * 1e3, "bf16_equivalent_gbs": bf16_bytes / seconds / 1e9,
                           "tokens_per_s_bound": 1 / seconds}  # fmt: skip
             del weights

@@ -1,7 +1,7 @@
-"""README's tables from the JSON that bench/speed.py and bench/quantize.py wrote, so the numbers in
-README are copied by a script, never by hand.
+"""README's tables from the JSON that the bench/ scripts wrote (speed, kernels, load_memory,
+quantize), so the numbers in README are copied by a script, never by hand.
 
-    python bench/report.py bench/results/speed.json [bench/results/speed_b1_variants.json ...]
+    python bench/report.py bench/results/speed.json [bench/results/kernels.json ...]
 """
 
 import json
@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 # The comparisons README shows: each of ours against the peer of the same kind.
-COUNTERPARTS = {("ours", "hf"), ("ours", "llamacpp"), ("ours-fp16", "llamacpp"), ("ours-int8", "llamacpp-q8_0"),
-                ("ours-int4", "llamacpp-q4_0")}  # fmt: skip
+COUNTERPARTS = {("ours", "hf"), ("ours", "llamacpp"), ("ours-packed", "hf"), ("ours-packed", "llamacpp"),
+                ("ours-fp16", "llamacpp"), ("ours-int8", "llamacpp-q8_0"), ("ours-int4", "llamacpp-q4_0")}  # fmt: skip
 NAMES = {"decode_b1": "decode b1", "prefill_512": "prefill 512", "decode_b8": "decode b8", "decode_b32": "decode b32"}
 
 
@@ -46,8 +46,34 @@ def quantize_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def kernels_table(result: dict) -> str:
+    lines = ["| shape | kernel | ms per step (linears only) | GB/s of bf16 weights | at most tokens/s |", "|---|---|---|---|---|"]
+    for shape, r in result["shapes"].items():
+        for name, k in r["kernels"].items():
+            lines.append(f"| {shape} | {name} | {k['step_ms']:.1f} | {k['bf16_equivalent_gbs']:.1f} | "
+                         f"{k['tokens_per_s_bound']:.1f} |")  # fmt: skip
+    return "\n".join(lines) + f"\n\nmemory bandwidth (copy probe): {result['bandwidth_gbs']:.1f} GB/s, " \
+        f"{result['threads']} threads"  # fmt: skip
+
+
+def load_table(result: dict) -> str:
+    lines = ["| shards | dtype | pack | quantize | weights MB | peak RSS MB | peak / weights | load s | again s | read s |",
+             "|---" * 10 + "|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(f"| {r['shards']} | {r['dtype']} | {r['pack']} | {r['quantize'] or '-'} | "
+                     f"{r['weight_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} | "
+                     f"{r['peak_rss_bytes'] / r['weight_bytes']:.2f} | {r['load_s']:.2f} | {r['load_again_s']:.2f} | "
+                     f"{r['read_s']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def table(data: dict) -> str:
+    if "shapes" in data:
+        return kernels_table(data) if "kernels" in next(iter(data["shapes"].values())) else speed_table(data)
+    return load_table(data) if "shards" in data["rows"][0] else quantize_table(data)
+
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
-        data = json.loads(Path(path).read_text())
         print(f"<!-- {path} -->")
-        print(speed_table(data) if "shapes" in data else quantize_table(data), end="\n\n")
+        print(table(json.loads(Path(path).read_text())), end="\n\n")

@@ -145,19 +145,22 @@ class Attention(nn.Module):
         else:
             keys, values = xk, xv
 
-        if seqlen == 1:  # a decode step: Meta's arithmetic (SDPA's CPU kernel costs ~15x more at one query)
+        if seqlen == 1 and self.n_kv_heads < self.n_heads:
+            # A GQA decode step: SDPA's CPU kernel takes 3-15x longer than one grouped product.
             output = self._one_query(xq, keys, values)
         else:  # each group of n_heads / n_kv_heads query heads shares one kv head (GQA)
             output = F.scaled_dot_product_attention(
-                xq, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-            )
+                xq, keys, values, attn_mask=mask, is_causal=mask is None and seqlen > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # fmt: skip
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def _one_query(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Attention of one new token: Meta's softmax(q k^T / sqrt(D)) v, in float32 as SDPA
         accumulates (a bf16 matmul here would build a oneDNN kernel, and keep it, for every cache
         length), with each kv head's n_heads / n_kv_heads query heads as the rows of one product
-        instead of repeating the keys. [B, H, 1, D] -> [B, H, 1, D]."""
+        instead of repeating the keys. With one query head per kv head there are no rows to share
+        and the float32 copy of a long cache costs more than SDPA. [B, H, 1, D] -> [B, H, 1, D]."""
         bsz = xq.shape[0]
         q = xq.float().reshape(bsz, self.n_kv_heads, -1, self.head_dim)  # [B, Hkv, H / Hkv, D]
         scores = torch.matmul(q, keys.float().transpose(2, 3)) / math.sqrt(self.head_dim)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GQA
+from llama.cpu import onednn_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,21 @@ def test_cli_output_equals_library_output(folder):
     assert r.returncode == 0, r.stderr
     _, texts = LLaMa.build(folder, max_seq_len=64).text_completion(["the king"], max_gen_len=8)
     assert f"the king\n> {texts[0]}\n" in r.stdout
+
+
+@pytest.mark.skipif(not onednn_bf16(), reason="this CPU's oneDNN has no bf16 kernels")
+def test_pack_and_quantize_flags_reach_the_build(folder):
+    from llama import LLaMa
+
+    common = ("--ckpt_dir", str(folder), "--prompt", "the king", "--max_gen_len", "6", "--max_seq_len", "64",
+              "--temperature", "0", "--dtype", "bfloat16")  # fmt: skip
+    plain, packed, int8 = run(*common), run(*common, "--pack"), run(*common, "--quantize", "int8")
+    assert plain.returncode == packed.returncode == int8.returncode == 0, plain.stderr + packed.stderr + int8.stderr
+    assert packed.stdout == plain.stdout  # the same numbers in another layout
+    _, texts = LLaMa.build(folder, max_seq_len=64, dtype="bfloat16", quantize="int8").text_completion(
+        ["the king"], max_gen_len=6, temperature=0
+    )
+    assert f"the king\n> {texts[0]}\n" in int8.stdout
 
 
 def test_bad_input_exits_with_the_message(folder, tmp_path):
