@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from llama import cpu
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, read_params
 from llama.decoding import Decoded, StreamEvent, decode
-from llama import cpu
 from llama.model import ModelArgs, Transformer
 from llama.quantize import SCHEMES, load_quantized, make_quantized, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype

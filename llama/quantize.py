@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.checkpoint import release_mapped
-from llama.model import Transformer
 from llama.cpu import PackedLinear
+from llama.model import Transformer
 
 logger = logging.getLogger(__name__)
 
