@@ -43,7 +43,7 @@ def read_params(ckpt_dir: str | os.PathLike) -> ModelArgs:
     return args
 
 
-def _file_mappings() -> list[tuple[int, int]]:
+def file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's file-backed memory mappings (Linux; empty elsewhere)."""
     try:
         with open("/proc/self/maps") as f:
@@ -59,12 +59,13 @@ def _file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
-def release_mapped(tensors: list[torch.Tensor]) -> None:
+def release_mapped(tensors: list[torch.Tensor], spans: list[tuple[int, int]] | None = None) -> None:
     """Give back the resident pages of weights read from an mmap'd shard once they have been
-    consumed (packed or quantized into new memory), so a transform while loading peaks near the
-    size of its result, not the file plus the result. Only whole pages inside file-backed
-    mappings are dropped: the file still holds their bytes, and anonymous memory is never touched."""
-    spans = _file_mappings()
+    consumed (copied, packed or quantized into new memory), so a transform while loading peaks near
+    the size of its result, not the file plus the result. Only whole pages inside file-backed
+    mappings are dropped: the file still holds their bytes, and anonymous memory is never touched.
+    spans: file_mappings() read once for many calls (~1 ms each), at a time the tensors existed."""
+    spans = file_mappings() if spans is None else spans
     if not spans:
         return
     madvise = ctypes.CDLL(None).madvise
@@ -185,7 +186,7 @@ class MetaCheckpoint:
                     f"gives {tuple(expected[key].shape)}"
                 )
         shards, self.shards = self.shards, []
-        in_place = {}
+        in_place, spans = {}, file_mappings()
         with torch.no_grad():
             for i in tqdm(range(len(shards)), desc="loading shards", unit="shard", disable=None):
                 shard, shards[i] = shards[i], None
@@ -202,7 +203,7 @@ class MetaCheckpoint:
                     elif not torch.equal(target, tensor.to(target)):
                         raise ValueError(f"{self.paths[i]} disagrees with {self.paths[0]} on replicated {key}")
                     if key not in in_place:
-                        release_mapped([tensor])  # copied: its file pages need not stay resident
+                        release_mapped([tensor], spans)  # copied: its file pages need not stay resident
                 del shard
         if in_place:
             model.load_state_dict(in_place, strict=True, assign=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.checkpoint import release_mapped
+from llama.checkpoint import file_mappings, release_mapped
 
 
 def onednn_bf16() -> bool:
@@ -84,11 +84,11 @@ def pack_linears(model: nn.Module) -> int:
     """Replace every bf16 nn.Linear (bias-free) with a PackedLinear, in place, one at a time: each
     dense weight is let go (and its pages, when it lies in an mmap'd shard) as its packed copy is
     made, so the peak is the model plus one matrix. Returns how many were packed."""
-    sites = [(p, n) for p, n in _bf16_linears(model) if getattr(p, n).bias is None]
+    sites, spans = [(p, n) for p, n in _bf16_linears(model) if getattr(p, n).bias is None], file_mappings()
     for parent, name in sites:
         weight = getattr(parent, name).weight
         setattr(parent, name, PackedLinear(weight))
-        release_mapped([weight])
+        release_mapped([weight], spans)
     return len(sites)
 
 

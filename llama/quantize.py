@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.checkpoint import release_mapped
+from llama.checkpoint import file_mappings, release_mapped
 from llama.cpu import PackedLinear
 from llama.model import Transformer
 
@@ -128,6 +128,7 @@ def make_quantized(model: Transformer, scheme: str, group_size: int = 32, quanti
     float weight is freed as it goes). quantize=False only builds the structure, for loading."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize={scheme!r}: use one of {', '.join(SCHEMES)}")
+    spans = file_mappings()
     for parent, child_name, _ in list(_linears(model)):
         linear = getattr(parent, child_name)
         dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.bfloat16
@@ -138,7 +139,7 @@ def make_quantized(model: Transformer, scheme: str, group_size: int = 32, quanti
                 q = Int4Linear(linear.in_features, linear.out_features, group_size, dtype)
         if quantize:
             q.quantize_(linear.weight)
-            release_mapped([linear.weight])  # the bf16 matrix's pages, when it lies in an mmap'd shard
+            release_mapped([linear.weight], spans)  # its pages, when it lies in an mmap'd shard
         setattr(parent, child_name, q)
     model.quantization = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None}
     return model
