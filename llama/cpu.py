@@ -23,6 +23,8 @@ def onednn_bf16() -> bool:
 
 
 class GemvLinear(nn.Linear):
+    """nn.Linear whose one-row calls run in ATen's bf16 GEMV instead of oneDNN's."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1] or not torch.backends.mkldnn.enabled:
             return F.linear(x, self.weight, self.bias)
@@ -34,6 +36,8 @@ class GemvLinear(nn.Linear):
 
 
 class PackedLinear(nn.Module):
+    """A bias-free linear layer holding only its oneDNN-packed weight."""
+
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
