@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from speed import SHAPES, bandwidth_gbs
 
-from llama.cpu import GemvLinear, PackedLinear
+from llama.cpu import GemvLinear, PackedLinear, linear_around
 from llama.model import ModelArgs
 from llama.quantize import Int8Linear
 
@@ -32,17 +31,11 @@ def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:
 
 def kernels() -> dict:
     """name -> (the module this project or plain PyTorch runs for a bf16 weight, input dtype)."""
-
-    def linear(w: torch.Tensor, cls=nn.Linear) -> nn.Module:
-        module = cls(w.shape[1], w.shape[0], bias=False, device="meta")
-        module.weight = nn.Parameter(w, requires_grad=False)
-        return module
-
     return {
-        "bf16 GemvLinear (default)": (lambda w: linear(w, GemvLinear), torch.bfloat16),
+        "bf16 GemvLinear (default)": (lambda w: linear_around(w, GemvLinear), torch.bfloat16),
         "bf16 PackedLinear (pack=True)": (PackedLinear, torch.bfloat16),
-        "bf16 nn.Linear (plain PyTorch)": (linear, torch.bfloat16),
-        "fp16 nn.Linear (dtype=float16)": (lambda w: linear(w.half()), torch.float16),
+        "bf16 nn.Linear (plain PyTorch)": (linear_around, torch.bfloat16),
+        "fp16 nn.Linear (dtype=float16)": (lambda w: linear_around(w.half()), torch.float16),
         "int8 Int8Linear (quantize=int8)": (lambda w: Int8Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
     }
 

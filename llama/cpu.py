@@ -59,7 +59,8 @@ class PackedLinear(nn.Module):
         if key not in state_dict:
             missing.append(key)
         elif state_dict[key].shape != (self.out_features, self.in_features):
-            errors.append(f"{key}: shape {tuple(state_dict[key].shape)}, expected {(self.out_features, self.in_features)}")
+            expected = (self.out_features, self.in_features)
+            errors.append(f"{key}: shape {tuple(state_dict[key].shape)}, expected {expected}")
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(state_dict[key].to(torch.bfloat16).detach())
 
@@ -73,14 +74,20 @@ def _bf16_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
             if type(child) in (nn.Linear, GemvLinear) and child.weight.dtype == torch.bfloat16]  # fmt: skip
 
 
+def linear_around(weight: torch.Tensor, cls: type[nn.Linear] = nn.Linear, bias: torch.Tensor | None = None):
+    """A linear layer of class cls whose weight (and bias) are the tensors given, not copies."""
+    module = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    module.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    module.bias = bias
+    return module
+
+
 def route_rows(model: nn.Module) -> int:
     """Make every bf16 nn.Linear a GemvLinear, sharing its weight. Returns how many."""
     sites = _bf16_linears(model)
     for parent, name in sites:
         old = getattr(parent, name)
-        new = GemvLinear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
-        new.weight, new.bias = old.weight, old.bias
-        setattr(parent, name, new)
+        setattr(parent, name, linear_around(old.weight, GemvLinear, old.bias))
     return len(sites)
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import GQA
 from llama import LLaMa
 from llama.checkpoint import release_mapped
-from llama.cpu import GemvLinear, PackedLinear, onednn_bf16, pack_linears, weight_bytes
+from llama.cpu import GemvLinear, PackedLinear, linear_around, onednn_bf16, pack_linears, weight_bytes
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="this CPU's oneDNN has no bf16 kernels")
 
@@ -20,9 +20,7 @@ def _plain(llm: LLaMa) -> None:
     for module in list(llm.model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, GemvLinear):
-                plain = torch.nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
-                plain.weight = child.weight
-                setattr(module, name, plain)
+                setattr(module, name, linear_around(child.weight))
 
 
 @pytest.mark.parametrize("pack", [False, pytest.param(True, marks=needs_onednn_bf16)])
