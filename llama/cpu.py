@@ -1,20 +1,37 @@
 """How a loaded Transformer's bf16 linear layers run on the CPU, chosen from outside the model (as
-llama.quantize is). PyTorch sends every bf16 matmul to oneDNN, whose batch-1 matrix-vector product
-streams weights at ~0.6x the speed of ATen's own (bench/kernels.py), while oneDNN is the faster one
-for many rows. Two choices, both giving F.linear's numbers and Meta's `weight` / state dict:
+llama.quantize is). PyTorch sends every bf16 matmul to oneDNN, whose matrix-vector product (a
+decode step) streams weights at ~0.6x the memory's read speed, while oneDNN is the faster one for
+many rows (bench/kernels.py). Two choices, both keeping Meta's `weight` and state dict:
 
-- GemvLinear (the build default): an nn.Linear that sends one-row inputs (a batch-1 decode step)
-  to ATen's kernel by turning oneDNN off around that call (a process-wide switch, restored after;
-  another thread's matmuls meanwhile only run slower), and everything else to oneDNN.
+- GemvLinear (the build default): an nn.Linear that sends inputs of up to GEMV_ROWS rows to this
+  project's AVX-512 BF16 kernel (csrc/cpu_bf16.cpp, compiled here once per machine and cached),
+  which reads weights at the memory's speed; where that cannot build, one-row inputs go to ATen's
+  kernel (F.linear's numbers, oneDNN switched off around the call). More rows go to oneDNN.
 - PackedLinear (pack=True): the weight reordered once into oneDNN's blocked layout, which is the
   fastest for prompts and batched decoding (~1.5x at batch 8) but slower at batch 1.
 """
+
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llama.checkpoint import file_mappings, release_mapped
+from llama.model import Attention, RMSNorm
+
+logger = logging.getLogger(__name__)
+
+GEMV_ROWS = 4  # up to this many rows the kernel beats oneDNN's unpacked GEMM (bench/kernels.py --rows)
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_bf16.cpp"
+_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 
 
 def onednn_bf16() -> bool:
@@ -22,17 +39,101 @@ def onednn_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:  # not Linux: the kernel is not offered
+        return set()
+
+
+def _build(target: Path) -> None:
+    """Compile the kernel against this torch into target (atomically: other processes may race)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = ["c++", *_FLAGS, *(f"-I{p}" for p in include_paths()), str(_SOURCE), "-o", str(out),
+               *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(out, target)
+
+
+@functools.cache
+def gemv_kernel():
+    """torch.ops.llama_cpu.gemv_bf16, built on first use and cached under ~/.cache/llama-reference;
+    None (logged once) on a CPU without AVX-512 BF16 or where no C++ compiler works."""
+    missing = _CPU_FLAGS - _cpu_flags()
+    if missing:
+        logger.info("no AVX-512 BF16 kernel on this CPU (lacks %s): batch-1 steps use ATen's", ", ".join(sorted(missing)))
+        return None
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode()).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-reference"
+    target = cache / f"cpu_bf16-{key[:16]}.so"
+    try:
+        if not target.exists():
+            logger.info("compiling %s into %s (once per machine)", _SOURCE.name, target)
+            _build(target)
+        torch.ops.load_library(str(target))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
+        logger.warning("could not build %s (%s): batch-1 steps use ATen's slower kernel", _SOURCE, detail)
+        return None
+    return torch.ops.llama_cpu.gemv_bf16
+
+
 class GemvLinear(nn.Linear):
-    """nn.Linear whose one-row calls run in ATen's bf16 GEMV instead of oneDNN's."""
+    """nn.Linear whose calls with few rows run in a matrix-vector kernel instead of oneDNN's GEMM."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != x.shape[-1] or not torch.backends.mkldnn.enabled:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if 0 < rows <= GEMV_ROWS and self.bias is None and (kernel := gemv_kernel()) is not None:
+            return kernel(x.contiguous(), self.weight)
+        if rows != 1 or not torch.backends.mkldnn.enabled:
             return F.linear(x, self.weight, self.bias)
         torch.backends.mkldnn.enabled = False
         try:
             return F.linear(x, self.weight, self.bias)
         finally:
             torch.backends.mkldnn.enabled = True
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm in one kernel call for bf16 (Meta's float32 normalisation and roundings)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
+            return super().forward(x)
+        return torch.ops.llama_cpu.rms_norm_bf16(x.contiguous(), self.weight, self.eps)
+
+
+class KernelAttention(Attention):
+    """Attention whose bf16 RoPE, and the attention of a decode step, run in one kernel call each."""
+
+    def rotate(self, xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if xq.dtype != torch.bfloat16:
+            return super().rotate(xq, xk, freqs_cis)
+        return torch.ops.llama_cpu.rope_bf16(xq.contiguous(), xk.contiguous(), torch.view_as_real(freqs_cis))
+
+    def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
+        if xq.shape[2] != 1 or xq.dtype != torch.bfloat16 or self.head_dim % 16 or self.head_dim > 128:
+            return super().attend(xq, keys, values, mask)
+        return torch.ops.llama_cpu.attend_one_bf16(xq, keys, values)
+
+
+def fuse_small_ops(model: nn.Module) -> int:
+    """Run every RMSNorm and Attention of a bf16 model with this project's kernels (they add no
+    state: only the class changes). Returns how many modules, 0 where the kernels cannot build."""
+    if gemv_kernel() is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        for base, kernel in ((RMSNorm, KernelRMSNorm), (Attention, KernelAttention)):
+            if type(module) is base:
+                module.__class__ = kernel
+                count += 1
+    return count
 
 
 class PackedLinear(nn.Module):
@@ -85,6 +186,7 @@ def linear_around(weight: torch.Tensor, cls: type[nn.Linear] = nn.Linear, bias: 
 def route_rows(model: nn.Module) -> int:
     """Make every bf16 nn.Linear a GemvLinear, sharing its weight. Returns how many."""
     sites = _bf16_linears(model)
+    gemv_kernel()  # built now, not in the first decode step
     for parent, name in sites:
         old = getattr(parent, name)
         setattr(parent, name, linear_around(old.weight, GemvLinear, old.bias))

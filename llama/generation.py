@@ -165,6 +165,8 @@ class LLaMa:
             cpu.pack_linears(model)
         elif device.type == "cpu" and dtype == torch.bfloat16:
             cpu.route_rows(model)
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            cpu.fuse_small_ops(model)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
         logger.info("built %s on %s in %s: %.1f MB of weights", path, device, dtype, weight_bytes / 1e6)

@@ -133,7 +133,7 @@ class Attention(nn.Module):
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        xq, xk = self.rotate(xq, xk, freqs_cis)
         # [B, T, H, D] -> [B, H, T, D], the layout attention and the cache use.
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
 
@@ -145,15 +145,23 @@ class Attention(nn.Module):
         else:
             keys, values = xk, xv
 
-        if seqlen == 1 and self.n_kv_heads < self.n_heads:
-            # A GQA decode step: SDPA's CPU kernel takes 3-15x longer than one grouped product.
-            output = self._one_query(xq, keys, values)
-        else:  # each group of n_heads / n_kv_heads query heads shares one kv head (GQA)
-            output = F.scaled_dot_product_attention(
-                xq, keys, values, attn_mask=mask, is_causal=mask is None and seqlen > 1,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )  # fmt: skip
+        output = self.attend(xq, keys, values, mask)
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    # rotate and attend are where llama.cpu puts its fused bf16 kernels (as a subclass).
+    def rotate(self, xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary_emb(xq, xk, freqs_cis)
+
+    def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
+        """softmax(q k^T / sqrt(D) + mask) v: [B, H, T, D] over keys and values [B, Hkv, S, D]."""
+        if xq.shape[2] == 1 and self.n_kv_heads < self.n_heads:
+            # A GQA decode step: SDPA's CPU kernel takes 3-15x longer than one grouped product.
+            return self._one_query(xq, keys, values)
+        # each group of n_heads / n_kv_heads query heads shares one kv head (GQA)
+        return F.scaled_dot_product_attention(
+            xq, keys, values, attn_mask=mask, is_causal=mask is None and xq.shape[2] > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # fmt: skip
 
     def _one_query(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Attention of one new token: Meta's softmax(q k^T / sqrt(D)) v, in float32 as SDPA

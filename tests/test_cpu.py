@@ -1,33 +1,143 @@
-"""The CPU's linear kernels (llama.cpu): GemvLinear (the bf16 default) and PackedLinear give
-F.linear's numbers with Meta's names kept; release_mapped gives back an mmap'd shard's pages
-without losing a byte."""
+"""The CPU's bf16 kernels (llama.cpu): this project's compiled ones (GEMV, RMSNorm, RoPE, one-query
+attention) against float64 references and Meta's modules; GemvLinear's ATen fallback and
+PackedLinear give F.linear's numbers with Meta's names kept; release_mapped gives back an mmap'd
+shard's pages without losing a byte."""
 
+import math
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import GQA
-from llama import LLaMa
+from llama import LLaMa, cpu
 from llama.checkpoint import release_mapped
-from llama.cpu import GemvLinear, PackedLinear, linear_around, onednn_bf16, pack_linears, weight_bytes
+from llama.cpu import GemvLinear, KernelAttention, KernelRMSNorm, PackedLinear, linear_around, onednn_bf16, pack_linears
+from llama.cpu import weight_bytes
+from llama.model import Attention, ModelArgs, RMSNorm, apply_rotary_emb, precompute_freqs_cis
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="this CPU's oneDNN has no bf16 kernels")
+needs_kernels = pytest.mark.skipif(cpu.gemv_kernel() is None, reason="no AVX-512 BF16 or no C++ compiler here")
+
+
+def within_rounding(got: torch.Tensor, exact: torch.Tensor) -> bool:
+    """got (bf16) is exact (float64) rounded to bf16: at most half a bf16 step (2^-8 relative) away."""
+    return bool(((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all())
+
+
+def a_step_apart(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Two bf16 results of the same formula whose float32 sums were added in different orders: where a
+    rounding went the other way they differ by one bf16 step of an intermediate (up to 2^-7 relative)
+    plus the final rounding."""
+    return bool(((got.double() - expected.double()).abs() <= expected.double().abs() * 2**-6 + 1e-30).all())
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_features", [16, 31, 100, 2048 + 7])
+def test_gemv_kernel_rounds_the_exact_product_and_rows_do_not_see_each_other(in_features):
+    gen = torch.Generator().manual_seed(in_features)
+    w = torch.randn(37, in_features, generator=gen).to(torch.bfloat16)
+    x = torch.randn(2, 2, in_features, generator=gen).to(torch.bfloat16)  # 4 rows, the most it takes
+    got = torch.ops.llama_cpu.gemv_bf16(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 2, 37)
+    assert within_rounding(got, x.double() @ w.double().T)
+    rows = x.reshape(4, in_features)
+    for i in range(4):  # a row's result is the same alone or in any batch of up to 4
+        assert torch.equal(torch.ops.llama_cpu.gemv_bf16(rows[i : i + 1], w), got.reshape(4, 37)[i : i + 1])
+        assert torch.equal(torch.ops.llama_cpu.gemv_bf16(rows[: i + 1], w), got.reshape(4, 37)[: i + 1])
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        torch.ops.llama_cpu.gemv_bf16(torch.zeros(5, in_features, dtype=torch.bfloat16), w)
+
+
+@needs_kernels
+@torch.no_grad()
+def test_norm_and_rope_kernels_give_metas_numbers():
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(768, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data = torch.randn(768, generator=gen).to(torch.bfloat16)
+    x = (3 * torch.randn(2, 7, 768, generator=gen)).to(torch.bfloat16)
+    expected, got = norm(x), torch.ops.llama_cpu.rms_norm_bf16(x, norm.weight, 1e-5)
+    # The same float32 formula and roundings (normalised, then scaled); only the order of the float32
+    # sum of squares may differ.
+    assert (got == expected).float().mean() > 0.99 and a_step_apart(got, expected)
+
+    freqs = precompute_freqs_cis(64, 50)[40:45]
+    q = torch.randn(2, 5, 8, 64, generator=gen).to(torch.bfloat16)
+    k = torch.randn(2, 5, 2, 64, generator=gen).to(torch.bfloat16)
+    expected, got = apply_rotary_emb(q, k, freqs), torch.ops.llama_cpu.rope_bf16(q, k, torch.view_as_real(freqs))
+    for e, g in zip(expected, got):
+        assert (g == e).float().mean() > 0.99 and a_step_apart(g, e)
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads,kv_heads,head_dim,positions", [(4, 4, 16, 1), (12, 12, 64, 37), (32, 4, 64, 200),
+                                                               (6, 2, 48, 17), (8, 8, 128, 64)])  # fmt: skip
+def test_one_query_attention_kernel_against_float64(heads, kv_heads, head_dim, positions):
+    gen = torch.Generator().manual_seed(positions)
+    cache_k = torch.randn(3, kv_heads, 256, head_dim, generator=gen).to(torch.bfloat16)  # [max B, Hkv, max S, D]
+    cache_v = torch.randn(3, kv_heads, 256, head_dim, generator=gen).to(torch.bfloat16)
+    q = torch.randn(2, 1, heads, head_dim, generator=gen).to(torch.bfloat16).transpose(1, 2)  # as the model has it
+    keys, values = cache_k[:2, :, :positions], cache_v[:2, :, :positions]  # strided views of the cache
+    got = torch.ops.llama_cpu.attend_one_bf16(q, keys, values)
+    group = heads // kv_heads
+    k64, v64 = keys.double().repeat_interleave(group, 1), values.double().repeat_interleave(group, 1)
+    probs = torch.softmax(q.double() @ k64.transpose(2, 3) / math.sqrt(head_dim), dim=-1)
+    exact = probs @ v64
+    assert got.shape == q.shape and (got.double() - exact).abs().max() <= 2**-8 * exact.abs().max() + 1e-3
 
 
 def _plain(llm: LLaMa) -> None:
-    """Back to nn.Linear everywhere, sharing the weights: the reference the kernels must equal."""
+    """Back to Meta's modules everywhere, sharing the weights: the reference the kernels must equal."""
     for module in list(llm.model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, GemvLinear):
                 setattr(module, name, linear_around(child.weight))
+        for base in (RMSNorm, Attention):
+            if isinstance(module, base):
+                module.__class__ = base
+
+
+@needs_kernels
+def test_bf16_build_runs_the_kernels_close_to_metas_modules(make_ckpt):
+    folder, _ = make_ckpt(GQA, 2)
+    plain = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16")
+    fast = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16")
+    assert sum(isinstance(m, KernelRMSNorm) for m in fast.model.modules()) == 2 * GQA["n_layers"] + 1
+    assert sum(isinstance(m, KernelAttention) for m in fast.model.modules()) == GQA["n_layers"]
+    _plain(plain)
+    assert not any(isinstance(m, (GemvLinear, KernelRMSNorm, KernelAttention)) for m in plain.model.modules())
+    x = torch.randint(0, GQA["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(0))
+    for tokens, start in ((x, 0), (x[:1, :1], 9), (x[:, :1], 9)):  # a prompt, then batch-1 and batch-3 decode steps
+        got, expected = fast.model(tokens, start), plain.model(tokens, start)
+        assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # a few bf16 roundings apart
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    assert fast.generate(prompts, 6, temperature=0) == plain.generate(prompts, 6, temperature=0)
+    assert torch.backends.mkldnn.enabled
+    expected, got = plain.model.state_dict(), fast.model.state_dict()
+    assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_kernel_builds_from_source_into_an_empty_cache(tmp_path):
+    """What a first build() on a new machine does: compile, cache, load (a fresh process: a kernel
+    library loads once per process)."""
+    if cpu.gemv_kernel() is None:
+        pytest.skip("no AVX-512 BF16 or no C++ compiler here")
+    code = "from llama.cpu import gemv_kernel; import sys; sys.exit(gemv_kernel() is None)"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    assert [p.suffix for p in (tmp_path / "llama-reference").iterdir()] == [".so"]
 
 
 @pytest.mark.parametrize("pack", [False, pytest.param(True, marks=needs_onednn_bf16)])
-def test_cpu_kernels_give_the_same_numbers_and_state_dict(make_ckpt, pack):
+def test_fallback_and_packed_linears_give_f_linear_numbers_and_state_dict(make_ckpt, pack, monkeypatch):
+    monkeypatch.setattr(cpu, "gemv_kernel", lambda: None)  # as on a CPU without AVX-512 BF16
     folder, _ = make_ckpt(GQA, 2)
     plain = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16")
     fast = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16", pack=pack)
+    assert not any(isinstance(m, (KernelRMSNorm, KernelAttention)) for m in fast.model.modules())
     kind = PackedLinear if pack else GemvLinear
     assert sum(isinstance(m, kind) for m in fast.model.modules()) == 7 * GQA["n_layers"] + 1
     _plain(plain)
