@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 GEMV_ROWS = 4  # up to this many rows the kernel beats oneDNN's unpacked GEMM (bench/kernels.py --rows)
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_bf16.cpp"
-_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
-_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+          "-mavx512vnni"]  # fmt: skip
+_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
 
 
 def onednn_bf16() -> bool:
@@ -61,9 +62,10 @@ def _build(target: Path) -> None:
 
 
 @functools.cache
-def gemv_kernel():
-    """torch.ops.llama_cpu.gemv_bf16, built on first use and cached under ~/.cache/llama-reference;
-    None (logged once) on a CPU without AVX-512 BF16 or where no C++ compiler works."""
+def compiled_kernels():
+    """torch.ops.llama_cpu (csrc/cpu_bf16.cpp's ops), built on first use and cached under
+    ~/.cache/llama-reference; None (logged once) on a CPU without AVX-512 BF16 / VNNI or where no
+    C++ compiler works."""
     missing = _CPU_FLAGS - _cpu_flags()
     if missing:
         logger.info("no AVX-512 BF16 kernel on this CPU (lacks %s): batch-1 steps use ATen's", ", ".join(sorted(missing)))
@@ -80,7 +82,7 @@ def gemv_kernel():
         detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
         logger.warning("could not build %s (%s): batch-1 steps use ATen's slower kernel", _SOURCE, detail)
         return None
-    return torch.ops.llama_cpu.gemv_bf16
+    return torch.ops.llama_cpu
 
 
 class GemvLinear(nn.Linear):
@@ -88,8 +90,8 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if 0 < rows <= GEMV_ROWS and self.bias is None and (kernel := gemv_kernel()) is not None:
-            return kernel(x.contiguous(), self.weight)
+        if 0 < rows <= GEMV_ROWS and self.bias is None and (kernels := compiled_kernels()) is not None:
+            return kernels.gemv_bf16(x.contiguous(), self.weight)
         if rows != 1 or not torch.backends.mkldnn.enabled:
             return F.linear(x, self.weight, self.bias)
         torch.backends.mkldnn.enabled = False
@@ -125,7 +127,7 @@ class KernelAttention(Attention):
 def fuse_small_ops(model: nn.Module) -> int:
     """Run every RMSNorm and Attention of a bf16 model with this project's kernels (they add no
     state: only the class changes). Returns how many modules, 0 where the kernels cannot build."""
-    if gemv_kernel() is None:
+    if compiled_kernels() is None:
         return 0
     count = 0
     for module in model.modules():
@@ -186,7 +188,7 @@ def linear_around(weight: torch.Tensor, cls: type[nn.Linear] = nn.Linear, bias: 
 def route_rows(model: nn.Module) -> int:
     """Make every bf16 nn.Linear a GemvLinear, sharing its weight. Returns how many."""
     sites = _bf16_linears(model)
-    gemv_kernel()  # built now, not in the first decode step
+    compiled_kernels()  # built now, not in the first decode step
     for parent, name in sites:
         old = getattr(parent, name)
         setattr(parent, name, linear_around(old.weight, GemvLinear, old.bias))

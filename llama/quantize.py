@@ -2,8 +2,9 @@
 outside the model (the model file knows nothing of it), and a quantized folder to save it once.
 
 int8: per output channel, symmetric, w = q * scale. int4: groups of `group_size` inputs with an
-offset, w = (q - 8) * scale + zero, q in 0..15. Matmuls run in torch's packed CPU/CUDA kernels;
-where none exists the weight is dequantized on the fly (and the log says so).
+offset, w = (q - 8) * scale + zero, q in 0..15. Matmuls run in torch's packed CPU/CUDA kernels,
+except int8 decode steps (up to 4 rows) in bf16 on a CPU, which run in llama.cpu's compiled kernel
+where it builds; where no kernel exists the weight is dequantized on the fly (and the log says so).
 """
 
 import json
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.checkpoint import file_mappings, release_mapped
-from llama.cpu import PackedLinear
+from llama.cpu import GEMV_ROWS, PackedLinear, compiled_kernels
 from llama.model import Transformer
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,11 @@ class Int8Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
+        rows = x.numel() // max(self.in_features, 1)
+        if x.device.type == "cpu" and x.dtype == self.scales.dtype == torch.bfloat16 and 0 < rows <= GEMV_ROWS:
+            if (kernels := compiled_kernels()) is not None:  # a decode step: llama.cpu's VNNI kernel
+                return kernels.gemv_int8(x.contiguous(), self.weight, self.scales)
+        if x.device.type == "cpu" and self.in_features % 16 == 0:  # torch's kernel gives NaN for other widths
             flat = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
             return flat.reshape(*x.shape[:-1], self.out_features)
         _warn_fallback(x.device, "int8")

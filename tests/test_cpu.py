@@ -20,7 +20,7 @@ from llama.cpu import weight_bytes
 from llama.model import Attention, ModelArgs, RMSNorm, apply_rotary_emb, precompute_freqs_cis
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="this CPU's oneDNN has no bf16 kernels")
-needs_kernels = pytest.mark.skipif(cpu.gemv_kernel() is None, reason="no AVX-512 BF16 or no C++ compiler here")
+needs_kernels = pytest.mark.skipif(cpu.compiled_kernels() is None, reason="no AVX-512 BF16 or no C++ compiler here")
 
 
 def within_rounding(got: torch.Tensor, exact: torch.Tensor) -> bool:
@@ -123,9 +123,9 @@ def test_bf16_build_runs_the_kernels_close_to_metas_modules(make_ckpt):
 def test_kernel_builds_from_source_into_an_empty_cache(tmp_path):
     """What a first build() on a new machine does: compile, cache, load (a fresh process: a kernel
     library loads once per process)."""
-    if cpu.gemv_kernel() is None:
+    if cpu.compiled_kernels() is None:
         pytest.skip("no AVX-512 BF16 or no C++ compiler here")
-    code = "from llama.cpu import gemv_kernel; import sys; sys.exit(gemv_kernel() is None)"
+    code = "from llama.cpu import compiled_kernels; import sys; sys.exit(compiled_kernels() is None)"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     assert [p.suffix for p in (tmp_path / "llama-reference").iterdir()] == [".so"]
@@ -133,7 +133,7 @@ def test_kernel_builds_from_source_into_an_empty_cache(tmp_path):
 
 @pytest.mark.parametrize("pack", [False, pytest.param(True, marks=needs_onednn_bf16)])
 def test_fallback_and_packed_linears_give_f_linear_numbers_and_state_dict(make_ckpt, pack, monkeypatch):
-    monkeypatch.setattr(cpu, "gemv_kernel", lambda: None)  # as on a CPU without AVX-512 BF16
+    monkeypatch.setattr(cpu, "compiled_kernels", lambda: None)  # as on a CPU without AVX-512 BF16
     folder, _ = make_ckpt(GQA, 2)
     plain = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16")
     fast = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16", pack=pack)

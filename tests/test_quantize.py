@@ -10,6 +10,7 @@ import torch
 
 from conftest import GQA, write_checkpoint
 from llama import LLaMa
+from llama.cpu import compiled_kernels
 from llama.quantize import Int4Linear, Int8Linear, make_quantized, save_quantized
 
 
@@ -28,6 +29,20 @@ def test_int8_kernel_equals_dequantized_reference(dtype):
     expected = x.float() @ deq.T
     atol = 1e-4 if dtype == torch.float32 else 0.05
     torch.testing.assert_close(q(x).float(), expected, atol=atol, rtol=0.02)
+
+
+@pytest.mark.skipif(compiled_kernels() is None, reason="no AVX-512 BF16 / VNNI or no C++ compiler here")
+@pytest.mark.parametrize("in_features", [100, 2048, 9000])  # a tail; one block of int32 sums; several
+def test_int8_decode_kernel_is_the_dequantized_product_up_to_int16_activations(in_features):
+    q = Int8Linear(in_features, 37).quantize_(random_linear(37, in_features, seed=in_features))
+    deq = q.weight.double() * q.scales.double()[:, None]
+    for rows in (1, 3, 4):  # a decode step's rows (batch 1 to 4) take the kernel
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        got, exact = q(x).double(), x.double() @ deq.T
+        assert torch.equal(q(x), compiled_kernels().gemv_int8(x, q.weight, q.scales))
+        # The output's bf16 rounding, plus each x row rounded to int16 steps of max|x| / 32767.
+        bound = exact.abs() * 2**-8 + deq.abs().sum(1) * x.double().abs().amax(1, keepdim=True) / 65534
+        assert ((got - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

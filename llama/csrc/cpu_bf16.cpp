@@ -6,6 +6,9 @@
 // - rms_norm_bf16: RMSNorm, normalised in float32, rounded, then scaled by the weight.
 // - rope_bf16: the interleaved complex rotation of q and k.
 // - attend_one_bf16: softmax(q k^T / sqrt(D)) v for one new token over the cached positions.
+// - gemv_int8: x (w q)^T for up to 4 rows and llama.quantize's int8 weights w (one scale per output
+//   row); each x row is rounded to int16 with its own scale (15 bits, where bf16 holds 8), so that
+//   int8 x int16 products sum in integers (AVX-512 VNNI) at the memory's speed.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -229,6 +232,68 @@ at::Tensor attend_one_bf16(const at::Tensor& q, const at::Tensor& keys, const at
   return out;
 }
 
+template <int M>
+void int8_rows(const int16_t* xq, const float* sx, const int8_t* w, const c10::BFloat16* scales, int64_t K, int64_t N,
+               c10::BFloat16* y, int64_t begin, int64_t end) {
+  int64_t Kp = (K + 63) / 64 * 64;  // xq rows are zero-padded to this
+  for (int64_t n = begin; n < end; n++) {
+    const int8_t* wn = w + n * K;
+    __m512 total[M];
+    for (int m = 0; m < M; m++) total[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K;) {
+      // int32 sums of at most 4096 products per row (2 per lane and step) cannot overflow: 128 x 127 x 32767 < 2^31
+      __m512i acc[M][2];
+      for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+      for (int64_t stop = std::min(K, k + 4096); k < stop; k += 64) {
+        __mmask64 mask = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        __m512i v = _mm512_maskz_loadu_epi8(mask, wn + k);
+        __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v)), hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1));
+        for (int m = 0; m < M; m++) {
+          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], lo, _mm512_loadu_si512(xq + m * Kp + k));
+          acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], hi, _mm512_loadu_si512(xq + m * Kp + k + 32));
+        }
+      }
+      for (int m = 0; m < M; m++) total[m] = _mm512_add_ps(total[m], _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][0], acc[m][1])));
+    }
+    float scale = static_cast<float>(scales[n]);
+    for (int m = 0; m < M; m++) y[m * N + n] = c10::BFloat16(_mm512_reduce_add_ps(total[m]) * sx[m] * scale);
+  }
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kChar && scales.scalar_type() == at::kBFloat16,
+              "gemv_int8: bf16 x, int8 w, bf16 scales");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && scales.is_contiguous() && w.dim() == 2 &&
+              x.size(-1) == w.size(1) && scales.numel() == w.size(0), "gemv_int8: bad layout");
+  int64_t K = w.size(1), N = w.size(0), M = K ? x.numel() / K : 0, Kp = (K + 63) / 64 * 64;
+  TORCH_CHECK(1 <= M && M <= 4, "gemv_int8: 1 to 4 rows, got ", M);
+  std::vector<int16_t> xq(M * Kp, 0);
+  float sx[4];
+  auto xp = x.data_ptr<c10::BFloat16>();
+  for (int64_t m = 0; m < M; m++) {
+    float top = 0;
+    for (int64_t k = 0; k < K; k++) top = std::max(top, std::fabs(f32(xp[m * K + k])));
+    sx[m] = top > 0 ? top / 32767 : 1.0f;
+    for (int64_t k = 0; k < K; k++) xq[m * Kp + k] = static_cast<int16_t>(std::nearbyint(f32(xp[m * K + k]) / sx[m]));
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options());
+  auto wp = static_cast<const int8_t*>(w.data_ptr());
+  const int16_t* xqp = xq.data();
+  auto sp = scales.data_ptr<c10::BFloat16>();
+  auto yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    switch (M) {
+      case 1: int8_rows<1>(xqp, sx, wp, sp, K, N, yp, begin, end); break;
+      case 2: int8_rows<2>(xqp, sx, wp, sp, K, N, yp, begin, end); break;
+      case 3: int8_rows<3>(xqp, sx, wp, sp, K, N, yp, begin, end); break;
+      default: int8_rows<4>(xqp, sx, wp, sp, K, N, yp, begin, end); break;
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_cpu, m) {
@@ -236,10 +301,12 @@ TORCH_LIBRARY(llama_cpu, m) {
   m.def("rms_norm_bf16(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_bf16(Tensor q, Tensor k, Tensor freqs) -> (Tensor, Tensor)");
   m.def("attend_one_bf16(Tensor q, Tensor keys, Tensor values) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("rope_bf16", &rope_bf16);
   m.impl("attend_one_bf16", &attend_one_bf16);
+  m.impl("gemv_int8", &gemv_int8);
 }
