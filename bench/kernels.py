@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from speed import SHAPES, bandwidth_gbs
 
-from llama.cpu import GemvLinear, PackedLinear, linear_around
+from llama.cpu import GemvLinear, PackedLinear, compiled_kernels, linear_around
 from llama.model import ModelArgs
 from llama.quantize import Int8Linear
 
@@ -29,14 +30,35 @@ def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:
     return layer * args.n_layers + [(args.vocab_size, args.dim)]
 
 
+def aten_gemv(w: torch.Tensor):
+    """GemvLinear where the compiled kernel cannot build: ATen's bf16 GEMV, oneDNN off for the call."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        torch.backends.mkldnn.enabled = False
+        try:
+            return F.linear(x, w)
+        finally:
+            torch.backends.mkldnn.enabled = True
+
+    return run
+
+
+def torch_int8(w: torch.Tensor):
+    """Int8Linear's weights through torch's own int8 kernel (what quantize=int8 used before)."""
+    q = Int8Linear(w.shape[1], w.shape[0]).quantize_(w)
+    return lambda x: torch.ops.aten._weight_int8pack_mm(x, q.weight, q.scales)
+
+
 def kernels() -> dict:
     """name -> (the module this project or plain PyTorch runs for a bf16 weight, input dtype)."""
     return {
         "bf16 GemvLinear (default)": (lambda w: linear_around(w, GemvLinear), torch.bfloat16),
+        "bf16 ATen GEMV (no compiled kernel)": (aten_gemv, torch.bfloat16),
         "bf16 PackedLinear (pack=True)": (PackedLinear, torch.bfloat16),
         "bf16 nn.Linear (plain PyTorch)": (linear_around, torch.bfloat16),
         "fp16 nn.Linear (dtype=float16)": (lambda w: linear_around(w.half()), torch.float16),
         "int8 Int8Linear (quantize=int8)": (lambda w: Int8Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
+        "int8 torch _weight_int8pack_mm": (torch_int8, torch.bfloat16),
     }
 
 
@@ -57,6 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default="bench/results/kernels.json")
     opts = ap.parse_args()
+    compiled_kernels()  # built (once per machine) before anything is timed
     bw = bandwidth_gbs()
     print(f"memory bandwidth (copy): {bw:.1f} GB/s, threads: {torch.get_num_threads()}")
     results = {"bandwidth_gbs": bw, "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": {}}

@@ -115,8 +115,9 @@ class LLaMa:
         random weights, from a folder's params.json or a preset name in params/ ("llama-2-7b").
         quantize="int8" | "int4" quantizes the linear layers after loading (see llama.quantize);
         a folder written by llama.quantize.save_quantized loads already quantized. On the CPU in
-        bf16, batch-1 steps use ATen's matrix-vector kernel; pack=True keeps the weights in oneDNN's
-        layout instead, faster for batches and prompts, slower at batch 1 (see llama.cpu).
+        bf16, decode steps run in kernels compiled here once per machine where the CPU has AVX-512
+        BF16 (see llama.cpu); pack=True keeps the weights in oneDNN's layout instead, faster for
+        batches of 8 or more and prompts, slower at batch 1.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")

@@ -10,14 +10,13 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import GQA
 from llama import LLaMa, cpu
 from llama.checkpoint import release_mapped
 from llama.cpu import GemvLinear, KernelAttention, KernelRMSNorm, PackedLinear, linear_around, onednn_bf16, pack_linears
 from llama.cpu import weight_bytes
-from llama.model import Attention, ModelArgs, RMSNorm, apply_rotary_emb, precompute_freqs_cis
+from llama.model import Attention, RMSNorm, apply_rotary_emb, precompute_freqs_cis
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="this CPU's oneDNN has no bf16 kernels")
 needs_kernels = pytest.mark.skipif(cpu.compiled_kernels() is None, reason="no AVX-512 BF16 or no C++ compiler here")
