@@ -1,9 +1,10 @@
 """What the matrix-vector kernels alone allow at batch 1: every linear of one decode step of a
 shape (random weights), run back to back with one input row, as each linear module this project
 (or plain PyTorch) can run. The step time of the linears bounds decode tokens/s before any other
-work is counted.
+work is counted. Every kernel's weights are held at once and the kernels take turns, pass by
+pass; medians, and speed-ups over plain PyTorch taken within a round.
 
-    python bench/kernels.py [--shapes 110m,1.1b] [--out bench/results/kernels.json]
+    python bench/kernels.py [--shapes 110m,1.1b] [--rounds 15] [--out bench/results/kernels.json]
 """
 
 import argparse
@@ -49,34 +50,34 @@ def torch_int8(w: torch.Tensor):
     return lambda x: torch.ops.aten._weight_int8pack_mm(x, q.weight, q.scales)
 
 
+PLAIN = "bf16 nn.Linear (plain PyTorch)"
+
+
 def kernels() -> dict:
     """name -> (the module this project or plain PyTorch runs for a bf16 weight, input dtype)."""
     return {
         "bf16 GemvLinear (default)": (lambda w: linear_around(w, GemvLinear), torch.bfloat16),
         "bf16 ATen GEMV (no compiled kernel)": (aten_gemv, torch.bfloat16),
         "bf16 PackedLinear (pack=True)": (PackedLinear, torch.bfloat16),
-        "bf16 nn.Linear (plain PyTorch)": (linear_around, torch.bfloat16),
+        PLAIN: (linear_around, torch.bfloat16),
         "fp16 nn.Linear (dtype=float16)": (lambda w: linear_around(w.half()), torch.float16),
         "int8 Int8Linear (quantize=int8)": (lambda w: Int8Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
         "int8 torch _weight_int8pack_mm": (torch_int8, torch.bfloat16),
     }
 
 
-def time_step(calls: list, repeats: int) -> float:
-    """Median seconds of running every call once, back to back."""
-    times = []
-    for _ in range(repeats + 1):  # the first pass warms up
-        t = time.perf_counter()
-        for call in calls:
-            call()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+def time_once(calls: list) -> float:
+    """Seconds of running every call once, back to back."""
+    t = time.perf_counter()
+    for call in calls:
+        call()
+    return time.perf_counter() - t
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="110m,1.1b")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=15, help="passes of every kernel, interleaved")
     ap.add_argument("--out", default="bench/results/kernels.json")
     opts = ap.parse_args()
     compiled_kernels()  # built (once per machine) before anything is timed
@@ -88,17 +89,26 @@ def main() -> None:
         args = ModelArgs(**SHAPES[shape], vocab_size=32000)
         dense = [torch.randn(o, i, generator=gen).to(torch.bfloat16) for o, i in step_shapes(args)]
         bf16_bytes = sum(w.numel() * 2 for w in dense)
-        rows = {}
+        steps = {}  # every kernel's modules at once, so that rounds can interleave them
         for name, (make, dtype) in kernels().items():
             inputs = {d: torch.randn(1, d, generator=gen).to(dtype) for d in {w.shape[1] for w in dense}}
-            weights = [(make(w), inputs[w.shape[1]]) for w in dense]
-            with torch.inference_mode():
-                seconds = time_step([lambda m=m, x=x: m(x) for m, x in weights], opts.repeats)
+            steps[name] = [lambda m=make(w), x=inputs[w.shape[1]]: m(x) for w in dense]
+        times = {name: [] for name in steps}
+        with torch.inference_mode():
+            for calls in steps.values():
+                time_once(calls)  # warm-up
+            for _ in range(opts.rounds):
+                for name, calls in steps.items():
+                    times[name].append(time_once(calls))
+        rows = {}
+        for name, ts in times.items():
+            seconds = statistics.median(ts)
             rows[name] = {"step_ms": seconds * 1e3, "bf16_equivalent_gbs": bf16_bytes / seconds / 1e9,
-                          "tokens_per_s_bound": 1 / seconds}  # fmt: skip
-            del weights
-            print(f"{shape:<5} {name:<30} {seconds * 1e3:8.2f} ms/step {bf16_bytes / seconds / 1e9:6.1f} GB/s (bf16 "
-                  f"bytes) -> at most {1 / seconds:6.1f} tokens/s")  # fmt: skip
+                          "tokens_per_s_bound": 1 / seconds,
+                          "speedup_vs_plain": statistics.median(p / t for p, t in zip(times[PLAIN], ts))}  # fmt: skip
+            print(f"{shape:<5} {name:<36} {seconds * 1e3:8.2f} ms/step {bf16_bytes / seconds / 1e9:6.1f} GB/s (bf16 "
+                  f"bytes) -> at most {1 / seconds:6.1f} tokens/s, {rows[name]['speedup_vs_plain']:.2f}x plain")  # fmt: skip
+        del steps
         results["shapes"][shape] = {"bf16_weight_bytes": bf16_bytes, "kernels": rows}
         del dense
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)

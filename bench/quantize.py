@@ -1,6 +1,8 @@
 """Quantization quality and size: perplexity of the built-in model on held-out Shakespeare (the
-last 10% of the corpus, which training never saw) in bf16, int8 and int4; the largest logit
-difference on a random 110M-shape checkpoint; the bytes of the weights, also for a 7B model.
+last 10% of the corpus, which training never saw) in bf16, int8 and int4, scored both in one pass
+per window (the kernels prompts use) and one token at a time through the cache (the kernels decode
+steps use); the largest logit difference on a random 110M-shape checkpoint, in both passes; the
+bytes of the weights, also for a 7B model.
 Speed is measured by bench/speed.py (--peers ours,ours-int8,ours-int4,llamacpp,llamacpp-q8_0,...).
 
     python bench/quantize.py [--text ../shared/data/tinyshakespeare.txt] [--out bench/results/quantize.json]
@@ -15,7 +17,7 @@ import torch
 
 from llama import LLaMa
 from llama.model import ModelArgs, Transformer
-from llama.cpu import weight_bytes
+from llama.cpu import fuse_small_ops, route_rows, weight_bytes
 from llama.quantize import make_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,19 @@ def perplexity(llm: LLaMa, ids: list[int], window: int) -> float:
         logits = llm.model(chunk[:, :-1], 0)
         nll += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
         count += window
+    return math.exp(nll / count)
+
+
+@torch.inference_mode()
+def decode_perplexity(llm: LLaMa, ids: list[int], window: int) -> float:
+    """The same windows as perplexity(), fed one token per step through the KV cache."""
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - window, window):
+        chunk = [llm.tokenizer.bos_id] + ids[start : start + window]
+        for pos in range(window):
+            logits = llm.model(torch.tensor([[chunk[pos]]]), pos)
+            nll -= torch.log_softmax(logits[0, -1], dim=-1)[chunk[pos + 1]].item()
+            count += 1
     return math.exp(nll / count)
 
 
@@ -63,12 +78,14 @@ def main() -> None:
             held_out = text[int(len(text) * 0.9) :]
             ids = llm.tokenizer.encode(held_out, bos=False, eos=False)[: opts.tokens + opts.window]
             row["perplexity"] = perplexity(llm, ids, opts.window)
+            row["decode_perplexity"] = decode_perplexity(llm, ids, opts.window)
         row["llama2_7b_weight_bytes"] = seven_b_bytes(scheme)
         rows.append(row)
     base = rows[0].get("perplexity")
     for row in rows:
         if base:
             row["perplexity_change"] = row["perplexity"] / base - 1
+            row["decode_perplexity_change"] = row["decode_perplexity"] / rows[0]["decode_perplexity"] - 1
 
     # The largest logit difference on a random checkpoint (110M shape), against bf16.
     args = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000)
@@ -81,18 +98,24 @@ def main() -> None:
         model.init_weights(torch.Generator().manual_seed(0))
         if scheme:
             make_quantized(model, scheme)
-        with torch.inference_mode():
-            logits[scheme or "bf16"] = model(x, 0)
+        route_rows(model)  # as LLaMa.build runs a bf16 model on the CPU
+        fuse_small_ops(model)
+        model.setup_cache(1, 64)
+        with torch.inference_mode():  # the whole pass, then the last position again as a decode step
+            logits[scheme or "bf16"] = model(x, 0), model(x[:, -1:], 63)
     for row in rows:
-        diff = (logits[row["scheme"]] - logits["bf16"]).abs()
-        row["random_110m_max_logit_diff"] = diff.max().item()
-        row["random_110m_logit_scale"] = logits["bf16"].abs().max().item()
+        for i, key in enumerate(("random_110m_max_logit_diff", "random_110m_decode_max_logit_diff")):
+            row[key] = (logits[row["scheme"]][i] - logits["bf16"][i]).abs().max().item()
+        row["random_110m_logit_scale"] = logits["bf16"][0].abs().max().item()
 
-    print(f"{'scheme':<6} {'perplexity':>10} {'change':>8} {'built-in MB':>11} {'7B GB':>6} {'max logit diff (110M)':>22}")
+    print(f"{'scheme':<6} {'perplexity':>10} {'change':>8} {'decode ppl':>10} {'change':>8} {'built-in MB':>11} "
+          f"{'7B GB':>6} {'max logit diff (110M): pass, step':>34}")  # fmt: skip
     for r in rows:
-        ppl = f"{r['perplexity']:>10.3f} {r['perplexity_change']:>+8.2%}" if "perplexity" in r else f"{'-':>10} {'-':>8}"
+        ppl = " ".join(f"{r[k]:>10.3f} {r[k + '_change']:>+8.2%}" if k in r else f"{'-':>10} {'-':>8}"
+                       for k in ("perplexity", "decode_perplexity"))  # fmt: skip
         print(f"{r['scheme']:<6} {ppl} {r['builtin_weight_bytes'] / 1e6:>11.1f} {r['llama2_7b_weight_bytes'] / 1e9:>6.2f} "
-              f"{r['random_110m_max_logit_diff']:>10.4f} of {r['random_110m_logit_scale']:.2f}")  # fmt: skip
+              f"{r['random_110m_max_logit_diff']:>10.4f}, {r['random_110m_decode_max_logit_diff']:.4f} "
+              f"of {r['random_110m_logit_scale']:.2f}")  # fmt: skip
     result = {"rows": rows, "window": opts.window, "tokens": opts.tokens, "torch": torch.__version__}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(result, indent=2))
