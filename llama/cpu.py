@@ -28,7 +28,10 @@ from llama.model import Attention, RMSNorm
 
 logger = logging.getLogger(__name__)
 
-GEMV_ROWS = 4  # up to this many rows the kernel beats oneDNN's unpacked GEMM (bench/kernels.py --rows)
+# Up to this many rows the kernel beats oneDNN's GEMM on plain weights; at 8 its dot-product
+# instructions are the limit (1.1B step's linears, measured once: 4 rows 99 ms vs oneDNN's 113,
+# 8 rows 157 vs 138, oneDNN packed 88).
+GEMV_ROWS = 4
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_bf16.cpp"
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
           "-mavx512vnni"]  # fmt: skip
@@ -82,7 +85,26 @@ def compiled_kernels():
         detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
         logger.warning("could not build %s (%s): batch-1 steps use ATen's slower kernel", _SOURCE, detail)
         return None
+    _register_fakes()
     return torch.ops.llama_cpu
+
+
+def _register_fakes() -> None:
+    """Output shapes of the ops without running them, so torch.compile can trace a model using them."""
+    fake = torch.library.register_fake
+    fake("llama_cpu::gemv_bf16")(lambda x, w: x.new_empty(*x.shape[:-1], w.shape[0]))
+    fake("llama_cpu::gemv_int8")(lambda x, w, scales: x.new_empty(*x.shape[:-1], w.shape[0]))
+    fake("llama_cpu::rms_norm_bf16")(lambda x, w, eps: torch.empty_like(x))
+    fake("llama_cpu::rope_bf16")(lambda q, k, freqs: (torch.empty_like(q), torch.empty_like(k)))
+    fake("llama_cpu::attend_one_bf16")(lambda q, keys, values: q.new_empty(q.shape))
+
+
+def kernel_can_run(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """bf16 inputs, and nothing autograd would need a backward for (the kernels have none), so
+    that gradients through a built model (e.g. to its inputs, in a notebook) still work."""
+    if x.dtype != torch.bfloat16:
+        return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
 
 
 class GemvLinear(nn.Linear):
@@ -90,8 +112,9 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if 0 < rows <= GEMV_ROWS and self.bias is None and (kernels := compiled_kernels()) is not None:
-            return kernels.gemv_bf16(x.contiguous(), self.weight)
+        if 0 < rows <= GEMV_ROWS and self.bias is None and kernel_can_run(x, self.weight):
+            if (kernels := compiled_kernels()) is not None:
+                return kernels.gemv_bf16(x.contiguous(), self.weight)
         if rows != 1 or not torch.backends.mkldnn.enabled:
             return F.linear(x, self.weight, self.bias)
         torch.backends.mkldnn.enabled = False
@@ -105,7 +128,7 @@ class KernelRMSNorm(RMSNorm):
     """RMSNorm in one kernel call for bf16 (Meta's float32 normalisation and roundings)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
+        if self.weight.dtype != torch.bfloat16 or not kernel_can_run(x, self.weight):
             return super().forward(x)
         return torch.ops.llama_cpu.rms_norm_bf16(x.contiguous(), self.weight, self.eps)
 
@@ -114,12 +137,12 @@ class KernelAttention(Attention):
     """Attention whose bf16 RoPE, and the attention of a decode step, run in one kernel call each."""
 
     def rotate(self, xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if xq.dtype != torch.bfloat16:
+        if not kernel_can_run(xq, xk):
             return super().rotate(xq, xk, freqs_cis)
         return torch.ops.llama_cpu.rope_bf16(xq.contiguous(), xk.contiguous(), torch.view_as_real(freqs_cis))
 
     def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
-        if xq.shape[2] != 1 or xq.dtype != torch.bfloat16 or self.head_dim % 16 or self.head_dim > 128:
+        if xq.shape[2] != 1 or not kernel_can_run(xq, keys, values) or self.head_dim % 16 or self.head_dim > 128:
             return super().attend(xq, keys, values, mask)
         return torch.ops.llama_cpu.attend_one_bf16(xq, keys, values)
 

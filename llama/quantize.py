@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.checkpoint import file_mappings, release_mapped
-from llama.cpu import GEMV_ROWS, PackedLinear, compiled_kernels
+from llama.cpu import GEMV_ROWS, PackedLinear, compiled_kernels, kernel_can_run
 from llama.model import Transformer
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(self.in_features, 1)
-        if x.device.type == "cpu" and x.dtype == self.scales.dtype == torch.bfloat16 and 0 < rows <= GEMV_ROWS:
-            if (kernels := compiled_kernels()) is not None:  # a decode step: llama.cpu's VNNI kernel
+        if x.device.type == "cpu" and self.scales.dtype == torch.bfloat16 and 0 < rows <= GEMV_ROWS:
+            if kernel_can_run(x) and (kernels := compiled_kernels()) is not None:  # llama.cpu's VNNI kernel
                 return kernels.gemv_int8(x.contiguous(), self.weight, self.scales)
         if x.device.type == "cpu" and self.in_features % 16 == 0:  # torch's kernel gives NaN for other widths
             flat = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))

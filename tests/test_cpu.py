@@ -119,6 +119,35 @@ def test_bf16_build_runs_the_kernels_close_to_metas_modules(make_ckpt):
     assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+@needs_kernels
+def test_gradients_flow_through_a_built_model(make_ckpt):
+    """The kernels have no backward: where autograd needs one, PyTorch's operators run instead."""
+    folder, _ = make_ckpt(GQA, 1)
+    llm = LLaMa.build(folder, max_seq_len=16, max_batch_size=1, dtype="bfloat16")
+    weight = llm.model.layers[0].feed_forward.w1.weight.requires_grad_(True)
+    llm.model(torch.tensor([[1, 2, 3]]), 0)
+    llm.model(torch.tensor([[4]]), 3).sum().backward()  # a decode step, every kernel's case
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+@needs_kernels
+def test_ops_have_shapes_for_tracing():
+    """Each op's fake implementation gives its output shape, so torch.compile can trace a model."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        bf16 = dict(dtype=torch.bfloat16)
+        x, w = torch.empty(1, 1, 64, **bf16), torch.empty(96, 64, **bf16)
+        assert torch.ops.llama_cpu.gemv_bf16(x, w).shape == (1, 1, 96)
+        q8 = torch.empty(96, 64, dtype=torch.int8)
+        assert torch.ops.llama_cpu.gemv_int8(x, q8, torch.empty(96, **bf16)).shape == (1, 1, 96)
+        assert torch.ops.llama_cpu.rms_norm_bf16(x, torch.empty(64, **bf16), 1e-5).shape == x.shape
+        q, k = torch.empty(1, 1, 4, 16, **bf16), torch.empty(1, 1, 2, 16, **bf16)
+        assert [t.shape for t in torch.ops.llama_cpu.rope_bf16(q, k, torch.empty(1, 8, 2))] == [q.shape, k.shape]
+        cache = torch.empty(1, 2, 9, 16, **bf16)
+        assert torch.ops.llama_cpu.attend_one_bf16(q.transpose(1, 2), cache, cache).shape == (1, 4, 1, 16)
+
+
 def test_kernel_builds_from_source_into_an_empty_cache(tmp_path):
     """What a first build() on a new machine does: compile, cache, load (a fresh process: a kernel
     library loads once per process)."""
