@@ -1,12 +1,13 @@
-"""How a loaded Transformer's bf16 linear layers run on the CPU, chosen from outside the model (as
+"""How a loaded Transformer runs in bf16 on the CPU, chosen from outside the model (as
 llama.quantize is). PyTorch sends every bf16 matmul to oneDNN, whose matrix-vector product (a
-decode step) streams weights at ~0.6x the memory's read speed, while oneDNN is the faster one for
-many rows (bench/kernels.py). Two choices, both keeping Meta's `weight` and state dict:
+decode step) streams weights well below the memory's read speed (bench/kernels.py), and a decode
+step's small operators cost more than their arithmetic. csrc/cpu_bf16.cpp, compiled here once per
+machine with AVX-512 BF16, does that work in one call each; Meta's modules, names and state stay:
 
-- GemvLinear (the build default): an nn.Linear that sends inputs of up to GEMV_ROWS rows to this
-  project's AVX-512 BF16 kernel (csrc/cpu_bf16.cpp, compiled here once per machine and cached),
-  which reads weights at the memory's speed; where that cannot build, one-row inputs go to ATen's
-  kernel (F.linear's numbers, oneDNN switched off around the call). More rows go to oneDNN.
+- GemvLinear (the build default): an nn.Linear sending inputs of up to GEMV_ROWS rows to the
+  compiled GEMV; where it cannot build, one-row inputs go to ATen's GEMV (F.linear's numbers,
+  oneDNN switched off around the call). More rows go to oneDNN.
+- KernelRMSNorm and KernelAttention (fuse_small_ops): RMSNorm, RoPE and a decode step's attention.
 - PackedLinear (pack=True): the weight reordered once into oneDNN's blocked layout, which is the
   fastest for prompts and batched decoding (~1.5x at batch 8) but slower at batch 1.
 """
