@@ -31,8 +31,15 @@ def speed_table(result: dict) -> str:
                 if key.startswith("ratio_vs_") and (peer, key.removeprefix("ratio_vs_")) in COUNTERPARTS:
                     cells = [f"{ratios[w]:.2f}x" for w in workloads]
                     lines.append(f"| {shape} | {peer} / {key.removeprefix('ratio_vs_')} | {' | '.join(cells)} | | | |")
-    return "\n".join(lines) + f"\n\nmemory bandwidth (copy probe): {result['bandwidth_gbs']:.1f} GB/s, " \
-        f"{result['threads']} threads, {result['new_tokens']} new tokens"  # fmt: skip
+    notes = [f"memory bandwidth (copy probe): {result['bandwidth_gbs']:.1f} GB/s, {result['threads']} threads, "
+             f"{result['new_tokens']} new tokens"]  # fmt: skip
+    for shape, peers in shapes.items():  # with several rounds, the spread of the batch-1 ratio
+        for peer, row in peers.items():
+            other = "llamacpp" if peer in ("ours", "ours-packed") else None
+            if other in peers and len(row["rounds"]) > 2:
+                ratios = [a["decode_b1"] / b["decode_b1"] for a, b in zip(row["rounds"], peers[other]["rounds"])]
+                notes.append(f"{shape} {peer} / {other} decode b1, round by round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+    return "\n".join(lines) + "\n\n" + "; ".join(notes)
 
 
 def quantize_table(result: dict) -> str:
