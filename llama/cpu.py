@@ -101,9 +101,9 @@ def _register_fakes() -> None:
 
 
 def kernel_can_run(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """bf16 inputs, and nothing autograd would need a backward for (the kernels have none), so
-    that gradients through a built model (e.g. to its inputs, in a notebook) still work."""
-    if x.dtype != torch.bfloat16:
+    """bf16 inputs on the CPU (a built model may be moved), and nothing autograd would need a
+    backward for (the kernels have none), so gradients through a built model still work."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
         return False
     return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
 
