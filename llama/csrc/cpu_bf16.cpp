@@ -1,6 +1,7 @@
 // The bf16 work of a CPU decode step, as torch ops under llama_cpu:: (built and loaded by
 // llama/cpu.py on AVX-512 BF16 CPUs). Each does in one call what the model's PyTorch code does in
-// several small operators, with the same float32 arithmetic and bf16 roundings in Meta's order:
+// several operators, in float32 with the bf16 roundings of the code it replaces (tests/test_cpu.py
+// bounds each against float64):
 // - gemv_bf16: x W^T for up to 4 rows and Meta's row-major weight, streaming W once at the memory's
 //   read speed; a row's result does not depend on the other rows in the batch.
 // - rms_norm_bf16: RMSNorm, normalised in float32, rounded, then scaled by the weight.
