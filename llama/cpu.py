@@ -82,7 +82,7 @@ def compiled_kernels():
             logger.info("compiling %s into %s (once per machine)", _SOURCE.name, target)
             _build(target)
         torch.ops.load_library(str(target))
-    except (OSError, subprocess.CalledProcessError) as e:
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:  # no compiler; a library torch refuses
         detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
         logger.warning("could not build %s (%s): batch-1 steps use ATen's slower kernel", _SOURCE, detail)
         return None
