@@ -66,7 +66,8 @@ class Int8Linear(nn.Module):
             if kernel_can_run(x) and (kernels := compiled_kernels()) is not None:  # llama.cpu's VNNI kernel
                 return kernels.gemv_int8(x.contiguous(), self.weight, self.scales)
         if x.device.type == "cpu" and self.in_features % 16 == 0:  # torch's kernel gives NaN for other widths
-            flat = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
+            flat = x.reshape(-1, self.in_features).contiguous()  # generation projects a strided [B, dim] view
+            flat = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
             return flat.reshape(*x.shape[:-1], self.out_features)
         _warn_fallback(x.device, "int8")
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -109,7 +110,7 @@ class Int4Linear(nn.Module):
         return ((self.unpacked() - 8) * expand(scales) + expand(zeros)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
+        flat = x.reshape(-1, self.in_features).contiguous()  # torch's int4 kernels refuse strided rows
         if x.device.type == "cpu":
             if self._packed is None:
                 self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)

@@ -85,6 +85,23 @@ def test_quantized_model_stays_close_and_saves_once(make_ckpt, tmp_path, scheme)
         LLaMa.build(out, max_seq_len=32, quantize="int8")
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_bf16_batches_decode(make_ckpt, scheme):
+    """Generation projects the last position of each row, a strided [B, dim] view: every kernel
+    path (up to 4 rows, more) takes it and gives what a contiguous copy gives."""
+    folder, _ = make_ckpt(dict(GQA, multiple_of=64), 1)
+    llm = LLaMa.build(folder, max_seq_len=32, max_batch_size=5, dtype="bfloat16", quantize=scheme)
+    x = torch.randint(3, GQA["vocab_size"], (5, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for rows in (3, 5):
+            last = llm.model.hidden(x[:rows], 0)[:, -1]
+            assert not last.is_contiguous()
+            assert torch.equal(llm.model.output(last), llm.model.output(last.contiguous()))
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12]]
+    tokens, _ = llm.generate(prompts, 4, temperature=0)  # the new tokens, cut at an EOS
+    assert len(tokens) == 5 and all(1 <= len(t) <= 4 and max(t) < GQA["vocab_size"] for t in tokens)
+
+
 def test_bad_scheme_is_refused_before_loading(make_ckpt):
     folder, _ = make_ckpt(GQA, 1)
     with pytest.raises(ValueError, match="quantize='int3': use one of int8, int4"):
