@@ -143,7 +143,8 @@ class KernelAttention(Attention):
         return torch.ops.llama_cpu.rope_bf16(xq.contiguous(), xk.contiguous(), torch.view_as_real(freqs_cis))
 
     def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
-        if xq.shape[2] != 1 or not kernel_can_run(xq, keys, values) or self.head_dim % 16 or self.head_dim > 128:
+        one_query = xq.shape[2] == 1 and mask is None and self.head_dim % 16 == 0 and self.head_dim <= 128
+        if not one_query or not kernel_can_run(xq, keys, values):
             return super().attend(xq, keys, values, mask)
         return torch.ops.llama_cpu.attend_one_bf16(xq, keys, values)
 
