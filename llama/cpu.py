@@ -163,6 +163,23 @@ def fuse_small_ops(model: nn.Module) -> int:
     return count
 
 
+def plain_modules(model: nn.Module) -> int:
+    """Undo route_rows, fuse_small_ops and pack_linears: Meta's nn.Linear, RMSNorm and Attention
+    everywhere, on the same weights (packed ones unpacked), to compare against PyTorch's own
+    operators. Returns how many modules changed."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (GemvLinear, PackedLinear)):
+                setattr(module, name, linear_around(child.weight))
+                count += 1
+        for base in (RMSNorm, Attention):
+            if isinstance(module, base) and type(module) is not base:
+                module.__class__ = base
+                count += 1
+    return count
+
+
 class PackedLinear(nn.Module):
     """A bias-free linear layer holding only its oneDNN-packed weight."""
 

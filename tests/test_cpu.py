@@ -14,9 +14,9 @@ import torch
 from conftest import GQA
 from llama import LLaMa, cpu
 from llama.checkpoint import release_mapped
-from llama.cpu import GemvLinear, KernelAttention, KernelRMSNorm, PackedLinear, linear_around, onednn_bf16, pack_linears
-from llama.cpu import weight_bytes
-from llama.model import Attention, RMSNorm, apply_rotary_emb, precompute_freqs_cis
+from llama.cpu import GemvLinear, KernelAttention, KernelRMSNorm, PackedLinear, onednn_bf16, pack_linears
+from llama.cpu import plain_modules, weight_bytes
+from llama.model import RMSNorm, apply_rotary_emb, precompute_freqs_cis
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="this CPU's oneDNN has no bf16 kernels")
 needs_kernels = pytest.mark.skipif(cpu.compiled_kernels() is None, reason="no AVX-512 BF16 or no C++ compiler here")
@@ -88,17 +88,6 @@ def test_one_query_attention_kernel_against_float64(heads, kv_heads, head_dim, p
     assert got.shape == q.shape and (got.double() - exact).abs().max() <= 2**-8 * exact.abs().max() + 1e-3
 
 
-def _plain(llm: LLaMa) -> None:
-    """Back to Meta's modules everywhere, sharing the weights: the reference the kernels must equal."""
-    for module in list(llm.model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, GemvLinear):
-                setattr(module, name, linear_around(child.weight))
-        for base in (RMSNorm, Attention):
-            if isinstance(module, base):
-                module.__class__ = base
-
-
 @needs_kernels
 def test_bf16_build_runs_the_kernels_close_to_metas_modules(make_ckpt):
     folder, _ = make_ckpt(GQA, 2)
@@ -106,7 +95,9 @@ def test_bf16_build_runs_the_kernels_close_to_metas_modules(make_ckpt):
     fast = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16")
     assert sum(isinstance(m, KernelRMSNorm) for m in fast.model.modules()) == 2 * GQA["n_layers"] + 1
     assert sum(isinstance(m, KernelAttention) for m in fast.model.modules()) == GQA["n_layers"]
-    _plain(plain)
+    # per layer 7 linears, the attention and 2 norms; then the output and the final norm
+    assert plain_modules(plain.model) == 10 * GQA["n_layers"] + 2
+    assert plain_modules(plain.model) == 0
     assert not any(isinstance(m, (GemvLinear, KernelRMSNorm, KernelAttention)) for m in plain.model.modules())
     x = torch.randint(0, GQA["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(0))
     for tokens, start in ((x, 0), (x[:1, :1], 9), (x[:, :1], 9)):  # a prompt, then batch-1 and batch-3 decode steps
@@ -168,7 +159,7 @@ def test_fallback_and_packed_linears_give_f_linear_numbers_and_state_dict(make_c
     assert not any(isinstance(m, (KernelRMSNorm, KernelAttention)) for m in fast.model.modules())
     kind = PackedLinear if pack else GemvLinear
     assert sum(isinstance(m, kind) for m in fast.model.modules()) == 7 * GQA["n_layers"] + 1
-    _plain(plain)
+    plain_modules(plain.model)
     assert not any(isinstance(m, (GemvLinear, PackedLinear)) for m in plain.model.modules())
     x = torch.randint(0, GQA["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(0))
     assert torch.equal(fast.model(x, 0), plain.model(x, 0))
@@ -184,6 +175,8 @@ def test_fallback_and_packed_linears_give_f_linear_numbers_and_state_dict(make_c
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert torch.equal(fast.model.layers[1].attention.wq.weight, plain.model.layers[1].attention.wq.weight)
     assert weight_bytes(fast.model) == weight_bytes(plain.model)
+    assert plain_modules(fast.model) == 7 * GQA["n_layers"] + 1  # packed or routed linears back to nn.Linear
+    assert torch.equal(fast.model(x, 0), plain.model(x, 0))
 
 
 @needs_onednn_bf16
