@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from speed import SHAPES, bandwidth_gbs
 
-from llama.cpu import GemvLinear, PackedLinear, compiled_kernels, linear_around
+from llama.cpu import GemvLinear, PackedLinear, aten_linear, compiled_kernels, linear_around
 from llama.model import ModelArgs
 from llama.quantize import Int8Linear
 
@@ -29,19 +28,6 @@ def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:
     layer = [(args.dim, args.dim), (kv, args.dim), (kv, args.dim), (args.dim, args.dim),
              (ffn, args.dim), (ffn, args.dim), (args.dim, ffn)]  # fmt: skip
     return layer * args.n_layers + [(args.vocab_size, args.dim)]
-
-
-def aten_gemv(w: torch.Tensor):
-    """GemvLinear where the compiled kernel cannot build: ATen's bf16 GEMV, oneDNN off for the call."""
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        torch.backends.mkldnn.enabled = False
-        try:
-            return F.linear(x, w)
-        finally:
-            torch.backends.mkldnn.enabled = True
-
-    return run
 
 
 def torch_int8(w: torch.Tensor):
@@ -57,7 +43,7 @@ def kernels() -> dict:
     """name -> (the module this project or plain PyTorch runs for a bf16 weight, input dtype)."""
     return {
         "bf16 GemvLinear (default)": (lambda w: linear_around(w, GemvLinear), torch.bfloat16),
-        "bf16 ATen GEMV (no compiled kernel)": (aten_gemv, torch.bfloat16),
+        "bf16 ATen GEMV (no compiled kernel)": (lambda w: lambda x: aten_linear(x, w), torch.bfloat16),
         "bf16 PackedLinear (pack=True)": (PackedLinear, torch.bfloat16),
         PLAIN: (linear_around, torch.bfloat16),
         "fp16 nn.Linear (dtype=float16)": (lambda w: linear_around(w.half()), torch.float16),

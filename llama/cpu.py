@@ -108,6 +108,17 @@ def kernel_can_run(x: torch.Tensor, *params: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params))
 
 
+def aten_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with oneDNN switched off for the call: for one bf16 row, ATen's own GEMV."""
+    if not torch.backends.mkldnn.enabled:
+        return F.linear(x, weight, bias)
+    torch.backends.mkldnn.enabled = False
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
 class GemvLinear(nn.Linear):
     """nn.Linear whose calls with few rows run in a matrix-vector kernel instead of oneDNN's GEMM."""
 
@@ -116,13 +127,7 @@ class GemvLinear(nn.Linear):
         if 0 < rows <= GEMV_ROWS and self.bias is None and kernel_can_run(x, self.weight):
             if (kernels := compiled_kernels()) is not None:
                 return kernels.gemv_bf16(x.contiguous(), self.weight)
-        if rows != 1 or not torch.backends.mkldnn.enabled:
-            return F.linear(x, self.weight, self.bias)
-        torch.backends.mkldnn.enabled = False
-        try:
-            return F.linear(x, self.weight, self.bias)
-        finally:
-            torch.backends.mkldnn.enabled = True
+        return aten_linear(x, self.weight, self.bias) if rows == 1 else F.linear(x, self.weight, self.bias)
 
 
 class KernelRMSNorm(RMSNorm):
