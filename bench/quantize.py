@@ -17,7 +17,7 @@ import torch
 
 from llama import LLaMa
 from llama.model import ModelArgs, Transformer
-from llama.cpu import fuse_small_ops, route_rows, weight_bytes
+from llama.cpu import use_kernels, weight_bytes
 from llama.quantize import make_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +98,7 @@ def main() -> None:
         model.init_weights(torch.Generator().manual_seed(0))
         if scheme:
             make_quantized(model, scheme)
-        route_rows(model)  # as LLaMa.build runs a bf16 model on the CPU
-        fuse_small_ops(model)
+        use_kernels(model)  # as LLaMa.build runs a bf16 model on the CPU
         model.setup_cache(1, 64)
         with torch.inference_mode():  # the whole pass, then the last position again as a decode step
             logits[scheme or "bf16"] = model(x, 0), model(x[:, -1:], 63)

@@ -242,6 +242,13 @@ def route_rows(model: nn.Module) -> int:
     return len(sites)
 
 
+def use_kernels(model: nn.Module, pack: bool = False) -> None:
+    """How a bf16 model runs on the CPU: its linears routed (GemvLinear) or packed (PackedLinear),
+    then its norms and attention on the compiled kernels where they build."""
+    pack_linears(model) if pack else route_rows(model)
+    fuse_small_ops(model)
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace every bf16 nn.Linear (bias-free) with a PackedLinear, in place, one at a time: each
     dense weight is let go (and its pages, when it lies in an mmap'd shard) as its packed copy is

@@ -162,12 +162,8 @@ class LLaMa:
             model.init_weights(torch.Generator(device=device).manual_seed(seed))
         if quantize is not None:
             make_quantized(model, quantize)
-        if pack:
-            cpu.pack_linears(model)
-        elif device.type == "cpu" and dtype == torch.bfloat16:
-            cpu.route_rows(model)
-        if device.type == "cpu" and dtype == torch.bfloat16:
-            cpu.fuse_small_ops(model)
+        if device.type == "cpu" and dtype == torch.bfloat16:  # pack=True anywhere else was refused above
+            cpu.use_kernels(model, pack)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
         logger.info("built %s on %s in %s: %.1f MB of weights", path, device, dtype, weight_bytes / 1e6)
