@@ -95,6 +95,7 @@ def _register_fakes() -> None:
     fake = torch.library.register_fake
     fake("llama_cpu::gemv_bf16")(lambda x, w: x.new_empty(*x.shape[:-1], w.shape[0]))
     fake("llama_cpu::gemv_int8")(lambda x, w, scales: x.new_empty(*x.shape[:-1], w.shape[0]))
+    fake("llama_cpu::mm_int4")(lambda x, w, out_features, group_size: x.new_empty(*x.shape[:-1], out_features))
     fake("llama_cpu::rms_norm_bf16")(lambda x, w, eps: torch.empty_like(x))
     fake("llama_cpu::rope_bf16")(lambda q, k, freqs: (torch.empty_like(q), torch.empty_like(k)))
     fake("llama_cpu::attend_one_bf16")(lambda q, keys, values: q.new_empty(q.shape))

@@ -45,25 +45,56 @@ def test_int8_decode_kernel_is_the_dequantized_product_up_to_int16_activations(i
         assert ((got - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group_size", [32, 64])
-def test_int4_kernel_equals_dequantized_reference(dtype, group_size):
-    w = random_linear(64, 256, seed=1)
-    q = Int4Linear(256, 64, group_size, dtype).quantize_(w)
+@pytest.mark.parametrize("group_size", [32, 64, 256])
+def test_int4_rounding_and_torch_kernel_equal_the_dequantized_reference(group_size):
+    w = random_linear(64, 512, seed=1)
+    q = Int4Linear(512, 64, group_size).quantize_(w)
     deq = q.dequantized(torch.float32)
     step = q.scales_and_zeros[..., 0].float().T.repeat_interleave(group_size, 1)
-    # asymmetric grouped rounding: within half a step, plus what storing scale/zero in dtype costs
-    slack = 1e-6 if dtype == torch.float32 else 0.02
-    assert ((deq - w).abs() <= step / 2 + slack).all()
-    x = torch.randn(3, 256, dtype=dtype)
-    atol = 1e-4 if dtype == torch.float32 else 0.05
-    torch.testing.assert_close(q(x).float(), x.float() @ deq.T, atol=atol, rtol=0.02)
+    # asymmetric grouped rounding: within half a step, plus what storing scale and zero in bf16 costs
+    assert ((deq - w).abs() <= step / 2 + 0.02).all()
+    x = torch.randn(3, 512)  # float32 goes to torch's int4 kernel
+    torch.testing.assert_close(q(x), x @ deq.T, atol=1e-4, rtol=1e-4)
 
 
-def test_int4_nibbles_round_trip():
-    q = Int4Linear(64, 8, 32).quantize_(random_linear(8, 64))
-    values = q.unpacked()
-    assert values.min() >= 0 and values.max() <= 15 and values.shape == (8, 64)
+def test_int4_state_dict_is_the_portable_layout():
+    """A quantized folder holds nibbles [out, in/2] (q[2j] high, q[2j+1] low) and (scale, zero)
+    pairs [in/group, out, 2]: written out from those definitions, they load into the same weights."""
+    out_f, in_f, group = 40, 128, 32  # 40 rows: a partial last block of 32
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (out_f, in_f), generator=gen)
+    pairs = (torch.rand(in_f // group, out_f, 2, generator=gen) * 0.1).bfloat16()
+    state = {"weight": (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), "scales_and_zeros": pairs}
+    m = Int4Linear(in_f, out_f, group)
+    m.load_state_dict(state)
+    assert torch.equal(m.unpacked(), q.int()) and torch.equal(m.scales_and_zeros, pairs)
+    scale, zero = (t.T.repeat_interleave(group, 1).float() for t in pairs.unbind(-1))
+    torch.testing.assert_close(m.dequantized(torch.float32), (q - 8) * scale + zero)
+    again = m.state_dict()
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+    with pytest.raises(RuntimeError, match=r"weight: shape \(40, 32\), expected \(40, 64\)"):
+        Int4Linear(in_f, out_f, group).load_state_dict({**state, "weight": state["weight"][:, :32]})
+
+
+@pytest.mark.skipif(compiled_kernels() is None, reason="no AVX-512 BF16 / VNNI or no C++ compiler here")
+@pytest.mark.parametrize("out_f,in_f,group", [(37, 256, 32), (70, 2048, 64), (64, 5632, 64), (32, 1024, 256)])
+def test_int4_kernel_is_the_dequantized_product_up_to_int8_activations(out_f, in_f, group):
+    q = Int4Linear(in_f, out_f, group).quantize_(random_linear(out_f, in_f, seed=in_f))
+    deq, nibbles = q.dequantized(torch.float64), (q.unpacked() - 8).abs().double()
+    scale = q.scales_and_zeros[..., 0].double().T  # [out, groups]
+    x = torch.randn(7, in_f, generator=torch.Generator().manual_seed(out_f)).to(torch.bfloat16)
+    got = q(x)
+    assert torch.equal(got, compiled_kernels().mm_int4(x, q.blocks, out_f, group))
+    exact = x.double() @ deq.T
+    # Each x row is rounded to int8 per group, steps of max|x| / 127 in the group: half a step per
+    # input, times |q - 8| and the weight's scale; plus the output's bf16 rounding.
+    steps = x.double().reshape(7, -1, group).abs().amax(-1) / 127  # [rows, groups]
+    per_group = nibbles.reshape(out_f, -1, group).sum(-1) * scale  # [out, groups]
+    bound = steps @ per_group.T / 2 * 1.001 + exact.abs() * 2**-8 + 1e-6
+    assert ((got.double() - exact).abs() <= bound).all()
+    for rows in (1, 2, 3, 4, 5):  # decode steps (up to 4 rows at once) and prompts: each row alone
+        assert torch.equal(q(x[:rows]), got[:rows])
+    assert torch.equal(q(x[3:4]), got[3:4])
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

@@ -10,11 +10,16 @@
 // - gemv_int8: x (w q)^T for up to 4 rows and llama.quantize's int8 weights w (one scale per output
 //   row); each x row is rounded to int16 with its own scale (15 bits, where bf16 holds 8), so that
 //   int8 x int16 products sum in integers (AVX-512 VNNI) at the memory's speed.
+// - mm_int4: x (w q)^T for any number of rows and llama.quantize's int4 weights (Int4Linear's
+//   layout: blocks of 32 output rows, each read as one stream); each x row is rounded to int8 per
+//   group of inputs (the weights' groups, as llama.cpp rounds to q8_0) so that 4-bit x 8-bit
+//   products sum in integers (AVX-512 VNNI).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 #include <immintrin.h>
@@ -295,6 +300,147 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
+// x rounded to int8 per group of G inputs, a = round(x / s) with s = max|x| / 127: for each row and
+// group, s, the float sum of x (for the zero term) and -8 * sum(a) (the nibbles' offset of 8).
+struct Int8Groups {
+  std::vector<int8_t> a;
+  std::vector<float> scale, sum;
+  std::vector<int32_t> offset;
+};
+
+inline __m512 load_bf16(const c10::BFloat16* p) {  // 16 bf16 -> float32: the bits shifted into the top half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+Int8Groups int8_groups(const c10::BFloat16* x, int64_t M, int64_t K, int64_t G) {
+  int64_t NG = K / G;
+  Int8Groups q{std::vector<int8_t>(M * K), std::vector<float>(M * NG), std::vector<float>(M * NG),
+               std::vector<int32_t>(M * NG)};
+  at::parallel_for(0, M * NG, std::max<int64_t>(1, 16384 / G), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) {  // i = row * NG + group: x + i * G is the group's first input
+      const c10::BFloat16* xg = x + i * G;
+      __m512 top = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < G; j += 16) {
+        __m512 v = load_bf16(xg + j);
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+        sum = _mm512_add_ps(sum, v);
+      }
+      float t = _mm512_reduce_max_ps(top), s = t > 0 ? t / 127 : 1.0f;
+      __m512 inv = _mm512_set1_ps(t > 0 ? 127 / t : 0.0f);
+      __m512i total = _mm512_setzero_si512();
+      for (int64_t j = 0; j < G; j += 16) {
+        __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(xg + j), inv));  // nearest, ties to even
+        _mm_storeu_si128((__m128i*)(q.a.data() + i * G + j), _mm512_cvtsepi32_epi8(a));
+        total = _mm512_add_epi32(total, a);
+      }
+      q.scale[i] = s;
+      q.sum[i] = _mm512_reduce_add_ps(sum);
+      q.offset[i] = -8 * _mm512_reduce_add_epi32(total);
+    }
+  });
+  return q;
+}
+
+// llama.quantize.Int4Linear's layout: output rows in blocks of 32 (kBlocks x 16), each block one
+// stream through the inputs: for every group of G inputs, the 32 rows' (scale, zero) bf16 pairs
+// (a 32-bit lane per row, 64 bytes per 16 rows), then the group's nibbles 8 inputs at a time, 64
+// bytes per 16 rows: byte 4r + t holds q[r][k + t] in its low nibble and q[r][k + 4 + t] in its
+// high one, so a 32-bit lane gathers 4 inputs of one row and one instruction (vpdpbusd) adds
+// 4 products to each of 16 rows. Padding rows past the last output row are zeros.
+constexpr int kBlocks = 2;
+
+template <int G>
+constexpr int64_t group_bytes() { return kBlocks * 64 * (1 + G / 8); }
+
+// R rows of x (from row m0) against one block; rows[b] masks the outputs that exist.
+template <int R, int G>
+void int4_block(const Int8Groups& q, int64_t m0, const uint8_t* w, int64_t K, const __mmask16* rows, int64_t N,
+                c10::BFloat16* y) {
+  const int64_t NG = K / G;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi32((int)0xFFFF0000);
+  __m512 out[kBlocks][R], zero_terms[kBlocks][R];
+  for (int b = 0; b < kBlocks; b++)
+    for (int r = 0; r < R; r++) out[b][r] = zero_terms[b][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < NG; g++) {
+    const uint8_t* wg = w + g * group_bytes<G>();
+    __m512i acc[kBlocks][R];  // integer sums start at the offset's share, -8 * sum(a)
+    for (int b = 0; b < kBlocks; b++)
+      for (int r = 0; r < R; r++) acc[b][r] = _mm512_set1_epi32(q.offset[(m0 + r) * NG + g]);
+#pragma GCC unroll 32
+    for (int c = 0; c < G / 8; c++) {
+      __m512i lo[kBlocks], hi[kBlocks];
+      for (int b = 0; b < kBlocks; b++) {
+        __m512i v = _mm512_loadu_si512(wg + (kBlocks + c * kBlocks + b) * 64);
+        lo[b] = _mm512_and_si512(v, nibble);
+        hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      }
+      for (int r = 0; r < R; r++) {
+        const int8_t* a = q.a.data() + (m0 + r) * K + g * G + c * 8;
+        __m512i a0 = _mm512_set1_epi32(*(const int32_t*)a), a1 = _mm512_set1_epi32(*(const int32_t*)(a + 4));
+        for (int b = 0; b < kBlocks; b++) {
+          acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], lo[b], a0);
+          acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], hi[b], a1);
+        }
+      }
+    }
+    for (int b = 0; b < kBlocks; b++) {  // out += scale * s * sum((q - 8) a) + zero * sum(x)
+      __m512i pairs = _mm512_loadu_si512(wg + b * 64);
+      __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, top));
+      for (int r = 0; r < R; r++) {
+        int64_t i = (m0 + r) * NG + g;
+        out[b][r] = _mm512_fmadd_ps(scale, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[b][r]), _mm512_set1_ps(q.scale[i])), out[b][r]);
+        zero_terms[b][r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(q.sum[i]), zero_terms[b][r]);
+      }
+    }
+  }
+  for (int b = 0; b < kBlocks; b++)
+    for (int r = 0; r < R; r++)  // rounded to bf16 to nearest even, as c10::BFloat16 does
+      _mm256_mask_storeu_epi16(y + b * 16 + (m0 + r) * N, rows[b],
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(out[b][r], zero_terms[b][r])));
+}
+
+template <int G>
+void int4_mm(const Int8Groups& q, int64_t M, int64_t K, int64_t N, const uint8_t* wp, c10::BFloat16* yp) {
+  at::parallel_for(0, (N + 16 * kBlocks - 1) / (16 * kBlocks), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; s++) {
+      int64_t n0 = s * kBlocks * 16;
+      __mmask16 rows[kBlocks];
+      for (int b = 0; b < kBlocks; b++) rows[b] = (__mmask16)((1u << std::clamp<int64_t>(N - n0 - b * 16, 0, 16)) - 1);
+      const uint8_t* w = wp + s * (K / G) * group_bytes<G>();
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // a row's result does not depend on the others
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int4_block<1, G>(q, m0, w, K, rows, N, yp + n0); break;
+          case 2: int4_block<2, G>(q, m0, w, K, rows, N, yp + n0); break;
+          case 3: int4_block<3, G>(q, m0, w, K, rows, N, yp + n0); break;
+          default: int4_block<4, G>(q, m0, w, K, rows, N, yp + n0); break;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t G) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kByte, "mm_int4: bf16 x, uint8 w");
+  int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NS = (N + 16 * kBlocks - 1) / (16 * kBlocks);
+  TORCH_CHECK(G == 32 || G == 64 || G == 128 || G == 256, "mm_int4: group size 32, 64, 128 or 256, not ", G);
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && K % G == 0 && w.dim() == 3 && w.size(0) == NS &&
+              w.size(1) == K / G && w.size(2) == kBlocks * 64 * (1 + G / 8), "mm_int4: bad layout");
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options());
+  if (M == 0) return y;
+  Int8Groups q = int8_groups(x.data_ptr<c10::BFloat16>(), M, K, G);
+  auto wp = static_cast<const uint8_t*>(w.data_ptr());
+  auto yp = y.data_ptr<c10::BFloat16>();
+  switch (G) {
+    case 32: int4_mm<32>(q, M, K, N, wp, yp); break;
+    case 64: int4_mm<64>(q, M, K, N, wp, yp); break;
+    case 128: int4_mm<128>(q, M, K, N, wp, yp); break;
+    default: int4_mm<256>(q, M, K, N, wp, yp); break;
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_cpu, m) {
@@ -303,6 +449,7 @@ TORCH_LIBRARY(llama_cpu, m) {
   m.def("rope_bf16(Tensor q, Tensor k, Tensor freqs) -> (Tensor, Tensor)");
   m.def("attend_one_bf16(Tensor q, Tensor keys, Tensor values) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("mm_int4(Tensor x, Tensor w, int out_features, int group_size) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
@@ -310,4 +457,5 @@ TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
   m.impl("rope_bf16", &rope_bf16);
   m.impl("attend_one_bf16", &attend_one_bf16);
   m.impl("gemv_int8", &gemv_int8);
+  m.impl("mm_int4", &mm_int4);
 }
