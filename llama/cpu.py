@@ -94,7 +94,7 @@ def _register_fakes() -> None:
     """Output shapes of the ops without running them, so torch.compile can trace a model using them."""
     fake = torch.library.register_fake
     fake("llama_cpu::gemv_bf16")(lambda x, w: x.new_empty(*x.shape[:-1], w.shape[0]))
-    fake("llama_cpu::gemv_int8")(lambda x, w, scales: x.new_empty(*x.shape[:-1], w.shape[0]))
+    fake("llama_cpu::mm_int8")(lambda x, w, out_features: x.new_empty(*x.shape[:-1], out_features))
     fake("llama_cpu::mm_int4")(lambda x, w, out_features, group_size: x.new_empty(*x.shape[:-1], out_features))
     fake("llama_cpu::rms_norm_bf16")(lambda x, w, eps: torch.empty_like(x))
     fake("llama_cpu::rope_bf16")(lambda q, k, freqs: (torch.empty_like(q), torch.empty_like(k)))

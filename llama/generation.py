@@ -146,8 +146,9 @@ class LLaMa:
             final = model
             if quantize is not None and kind == "meta" and source.maps_in_place(dtype, device):
                 final = make_quantized(Transformer(args).to(dtype), quantize, quantize=False)
+        # what the weights will hold (parameters and buffers: quantized layers' state_dict() converts)
         weight_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.itemsize)
-                           for t in final.state_dict().values())  # fmt: skip
+                           for t in (*final.parameters(), *final.buffers()))  # fmt: skip
         cache_bytes = 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * dtype.itemsize
         check_fits(weight_bytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
 

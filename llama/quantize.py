@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.checkpoint import file_mappings, release_mapped
-from llama.cpu import GEMV_ROWS, PackedLinear, compiled_kernels, kernel_can_run
+from llama.cpu import PackedLinear, compiled_kernels, kernel_can_run
 from llama.model import Transformer
 
 logger = logging.getLogger(__name__)
@@ -45,143 +45,246 @@ def _row_blocks(w: torch.Tensor, elements: int = 1 << 20, multiple: int = 1):
     return (slice(lo, lo + step) for lo in range(0, w.shape[0], step))
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16):
+BLOCK_ROWS = 32  # output rows per block of the kernels' layouts (llama/csrc/cpu_bf16.cpp: 16 x kBlocks)
+INT8_GROUP = 64  # inputs per activation scale in llama.cpu's int8 kernel (kInt8Group)
+GROUP_SIZES = (32, 64, 128, 256)  # int4 groups both kernels take
+
+
+def kernel_layout(dtype: torch.dtype) -> bool:
+    """Whether quantized linears of a `dtype` model hold their weights in llama.cpu's layout:
+    bf16 on a CPU where its kernels build (AVX-512 VNNI and a C++ compiler)."""
+    return dtype == torch.bfloat16 and compiled_kernels() is not None
+
+
+class QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share. Weights are held once, in one of two layouts: where
+    llama.cpu's kernels run (kernel_layout), `blocks`, their own order, one stream per 32 output
+    rows; elsewhere the portable tensors (PORTABLE, torch's kernels read them). state_dict() is
+    the portable form either way (a quantized folder holds it) and load_state_dict() takes it; in
+    the kernel layout, the portable names (module.weight, ...) give copies."""
+
+    PORTABLE: tuple[str, ...] = ()
+
+    def __init__(self, in_features: int, out_features: int, blocks: bool | None, scale_dtype: torch.dtype):
         super().__init__()
+        blocks = kernel_layout(scale_dtype) if blocks is None else blocks
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
+        self.scale_dtype = torch.bfloat16 if blocks else scale_dtype
+        self._torch_copy: tuple[torch.Tensor, ...] | None = None  # torch's own layout, made on first use
+        if blocks:
+            self.register_buffer("blocks", torch.zeros(-(-out_features // BLOCK_ROWS), *self._block_shape(), dtype=torch.uint8))
+        else:
+            for name, (shape, dtype) in self._portable_spec().items():
+                self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+
+    def _block_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _portable_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def _pack(self, **portable: torch.Tensor) -> torch.Tensor:
+        """Portable tensors of 32 b output rows -> b blocks."""
+        raise NotImplementedError
+
+    def _unpack(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        """The portable tensors: the buffers themselves, or copies made from the blocks."""
+        return self._unpack() if "blocks" in self._buffers else {name: self._buffers[name] for name in self.PORTABLE}
+
+    def __getattr__(self, name: str):
+        if name in type(self).PORTABLE and "blocks" in self._buffers:
+            return self._unpack()[name]
+        return super().__getattr__(name)
+
+    def _store(self, first_row: int, **portable: torch.Tensor) -> None:
+        """Write quantized rows from first_row on (a multiple of 32, or the whole matrix)."""
+        if "blocks" not in self._buffers:
+            rows = slice(first_row, first_row + portable["weight"].shape[0])
+            for name, value in portable.items():
+                self._buffers[name][self._rows(name, rows)] = value.to(self._buffers[name].dtype)
+        else:
+            pad = -portable["weight"].shape[0] % BLOCK_ROWS  # rows past out_features: zeros
+            padded = {name: F.pad(value.to(self.blocks.device), (0, pad) if value.dim() == 1 else (0, 0, 0, pad))
+                      for name, value in portable.items()}  # fmt: skip
+            packed = self._pack(**padded)
+            self.blocks[first_row // BLOCK_ROWS :][: packed.shape[0]] = packed
+        self._torch_copy = None
+
+    def _rows(self, name: str, rows: slice):
+        """Where output rows lie in a portable tensor."""
+        return rows
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination.update({prefix + name: value for name, value in self.portable().items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        spec = self._portable_spec()
+        if strict:
+            unexpected.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in spec)
+        if any(prefix + name not in state_dict for name in spec):
+            missing.extend(prefix + name for name in spec if prefix + name not in state_dict)
+            return
+        for name, (shape, _) in spec.items():
+            if tuple(state_dict[prefix + name].shape) != shape:
+                errors.append(f"{prefix}{name}: shape {tuple(state_dict[prefix + name].shape)}, expected {shape}")
+                return
+        with torch.no_grad():
+            self._store(0, **{name: state_dict[prefix + name] for name in spec})
+
+    def _kernel_or_none(self, x: torch.Tensor):
+        if "blocks" in self._buffers and kernel_can_run(x):
+            return compiled_kernels()
+        return None
+
+    def _fallback(self, x: torch.Tensor, scheme: str) -> torch.Tensor:
+        _warn_fallback(x.device, scheme)
+        return F.linear(x, self.dequantized(x.dtype))
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights, one scale per output row: w = q * scale (symmetric). Portable: `weight` [out,
+    in] int8 and `scales` [out]. Kernel layout, for each 32 output rows: their bf16 scales, then
+    the inputs 4 at a time, 16 rows per 64 bytes (byte 4r + t holds q[r][k + t] + 128), inputs
+    zero-padded to whole groups of 64."""
+
+    PORTABLE = ("weight", "scales")
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, blocks: bool | None = None):
+        self.padded_in = -(-in_features // INT8_GROUP) * INT8_GROUP
+        super().__init__(in_features, out_features, blocks, dtype)
+
+    def _block_shape(self):
+        return (BLOCK_ROWS * 2 + BLOCK_ROWS * self.padded_in,)
+
+    def _portable_spec(self):
+        return {"weight": ((self.out_features, self.in_features), torch.int8),
+                "scales": ((self.out_features,), self.scale_dtype)}  # fmt: skip
+
+    def _pack(self, weight, scales):
+        blocks = weight.shape[0] // BLOCK_ROWS
+        u = F.pad((weight.short() + 128).to(torch.uint8), (0, self.padded_in - self.in_features))
+        u = u.reshape(blocks, BLOCK_ROWS // 16, 16, self.padded_in // 4, 4).permute(0, 3, 1, 2, 4).reshape(blocks, -1)
+        return torch.cat([scales.bfloat16().reshape(blocks, BLOCK_ROWS).view(torch.uint8), u], dim=1)
+
+    def _unpack(self):
+        blocks = self.blocks.shape[0]
+        scales = self.blocks[:, : BLOCK_ROWS * 2].contiguous().view(torch.bfloat16).flatten()
+        u = self.blocks[:, BLOCK_ROWS * 2 :].reshape(blocks, self.padded_in // 4, BLOCK_ROWS // 16, 16, 4)
+        weight = (u.permute(0, 2, 3, 1, 4).reshape(blocks * BLOCK_ROWS, -1).short() - 128).to(torch.int8)
+        return {"weight": weight[: self.out_features, : self.in_features], "scales": scales[: self.out_features]}
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        weight, scales = self.portable().values()
+        return weight.to(dtype) * scales.to(dtype)[:, None]
 
     @torch.no_grad()
     def quantize_(self, w: torch.Tensor) -> "Int8Linear":
-        for rows in _row_blocks(w):
+        for rows in _row_blocks(w, multiple=BLOCK_ROWS):
             # Round with the scales as stored, so dequantizing is exact to half a step.
             block = w[rows].float()
-            scales = (block.abs().amax(dim=1).clamp(min=1e-8) / 127).to(self.scales.dtype).float()
-            self.weight[rows] = torch.round(block / scales[:, None]).clamp(-127, 127)
-            self.scales[rows] = scales
+            scales = (block.abs().amax(dim=1).clamp(min=1e-8) / 127).to(self.scale_dtype)
+            self._store(rows.start, weight=torch.round(block / scales.float()[:, None]).clamp(-127, 127).to(torch.int8),
+                        scales=scales)  # fmt: skip
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(self.in_features, 1)
-        if x.device.type == "cpu" and self.scales.dtype == torch.bfloat16 and 0 < rows <= GEMV_ROWS:
-            if kernel_can_run(x) and (kernels := compiled_kernels()) is not None:  # llama.cpu's VNNI kernel
-                return kernels.gemv_int8(x.contiguous(), self.weight, self.scales)
+        if (kernels := self._kernel_or_none(x)) is not None:  # llama.cpu's VNNI kernel
+            return kernels.mm_int8(x.contiguous(), self.blocks, self.out_features)
+        flat = x.reshape(-1, self.in_features).contiguous()  # generation projects a strided [B, dim] view
         if x.device.type == "cpu" and self.in_features % 16 == 0:  # torch's kernel gives NaN for other widths
-            flat = x.reshape(-1, self.in_features).contiguous()  # generation projects a strided [B, dim] view
-            flat = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
-            return flat.reshape(*x.shape[:-1], self.out_features)
-        _warn_fallback(x.device, "int8")
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            weight, scales = self._torch_copy or self.portable().values()
+            if "blocks" in self._buffers:
+                self._torch_copy = weight, scales  # kept: a second copy, for a model moved off its kernels
+            out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales.to(x.dtype))
+        else:
+            out = self._fallback(flat, "int8")
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
-GROUP_SIZES = (32, 64, 128, 256)  # what both kernels take
-BLOCK_ROWS = 32  # output rows per block of Int4Linear's layout (llama/csrc/cpu_bf16.cpp: 16 x INT4_BLOCKS)
+class Int4Linear(QuantizedLinear):
+    """int4 weights in groups of group_size inputs: w = (q - 8) * scale + zero, q in 0..15.
+    Portable: nibbles `weight` [out, in/2] (q[2j] high, q[2j + 1] low) and `scales_and_zeros`
+    [in/group_size, out, 2], torch's layout. Kernel layout, for each 32 output rows and each group:
+    the rows' (scale, zero) bf16 pairs, then the group's nibbles 8 inputs at a time, 16 rows per 64
+    bytes (byte 4r + t: q[r][k + t] low, q[r][k + 4 + t] high)."""
 
+    PORTABLE = ("weight", "scales_and_zeros")
 
-class Int4Linear(nn.Module):
-    """int4 weights in groups of group_size inputs, w = (q - 8) * scale + zero with q in 0..15 and
-    scale, zero in bf16, held in one layout on every device, `blocks`: for each 32 output rows and
-    each group, the 32 (scale, zero) pairs, then the group's nibbles 8 inputs at a time, 16 rows
-    per 64 bytes (byte 4r + t: q[r][k + t] low, q[r][k + 4 + t] high). That is the order
-    llama.cpu's kernel reads them in, one stream per 32 rows. state_dict() gives the portable form
-    (nibbles `weight` [out, in/2], high one first, and `scales_and_zeros` [in/group_size, out, 2],
-    torch's layout), which is what a quantized folder holds; load_state_dict() takes it."""
-
-    def __init__(self, in_features: int, out_features: int, group_size: int = 64):
-        super().__init__()
+    def __init__(self, in_features: int, out_features: int, group_size: int = 64, dtype: torch.dtype = torch.bfloat16,
+                 blocks: bool | None = None):  # fmt: skip
         if in_features % group_size:
             raise ValueError(f"int4 group_size={group_size} does not divide in_features={in_features}")
         if group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group_size={group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups, blocks = in_features // group_size, -(-out_features // BLOCK_ROWS)
-        self.register_buffer("blocks", torch.zeros(blocks, groups, BLOCK_ROWS * (4 + group_size // 2), dtype=torch.uint8))
-        self._torch_pack: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.group_size = group_size
+        super().__init__(in_features, out_features, blocks, dtype)
 
-    def _pack(self, q: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-        """q [32 b, in] (0..15) and pairs [in / group_size, 32 b, 2] bf16 -> b blocks."""
-        blocks, groups = q.shape[0] // BLOCK_ROWS, self.in_features // self.group_size
+    def _block_shape(self):
+        return self.in_features // self.group_size, BLOCK_ROWS * (4 + self.group_size // 2)
+
+    def _portable_spec(self):
+        groups = self.in_features // self.group_size
+        return {"weight": ((self.out_features, self.in_features // 2), torch.uint8),
+                "scales_and_zeros": ((groups, self.out_features, 2), self.scale_dtype)}  # fmt: skip
+
+    def _rows(self, name, rows):
+        return (slice(None), rows) if name == "scales_and_zeros" else rows
+
+    def _pack(self, weight, scales_and_zeros):
+        blocks, groups = weight.shape[0] // BLOCK_ROWS, self.in_features // self.group_size
+        q = torch.stack([weight >> 4, weight & 15], dim=-1)
         q = q.reshape(blocks, BLOCK_ROWS // 16, 16, groups, self.group_size // 8, 8).permute(0, 3, 4, 1, 2, 5)
         nibbles = (q[..., :4] | q[..., 4:] << 4).reshape(blocks, groups, -1)
-        pairs = pairs.reshape(groups, blocks, -1).transpose(0, 1).contiguous().view(torch.uint8)
+        pairs = scales_and_zeros.bfloat16().reshape(groups, blocks, -1).transpose(0, 1).contiguous().view(torch.uint8)
         return torch.cat([pairs, nibbles], dim=-1)
+
+    def _unpack(self):
+        blocks, groups = self.blocks.shape[:2]
+        pairs = self.blocks[..., : BLOCK_ROWS * 4].contiguous().view(torch.bfloat16)  # [blocks, groups, 32 * 2]
+        pairs = pairs.transpose(0, 1).reshape(groups, -1, 2)[:, : self.out_features]
+        nibbles = self.blocks[..., BLOCK_ROWS * 4 :].reshape(blocks, groups, self.group_size // 8, BLOCK_ROWS // 16, 16, 4)
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).permute(0, 3, 4, 1, 2, 5).reshape(blocks * BLOCK_ROWS, -1)
+        q = q[: self.out_features]
+        return {"weight": q[:, ::2] << 4 | q[:, 1::2], "scales_and_zeros": pairs}
+
+    def unpacked(self) -> torch.Tensor:
+        """q as int32 [out, in], values 0..15."""
+        weight = self.portable()["weight"]
+        return torch.stack([weight >> 4, weight & 15], dim=-1).reshape(self.out_features, -1).int()
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        scales, zeros = self.portable()["scales_and_zeros"].float().unbind(-1)  # [in / group_size, out]
+        expand = lambda t: t.transpose(0, 1).repeat_interleave(self.group_size, dim=1)  # noqa: E731
+        return ((self.unpacked() - 8) * expand(scales) + expand(zeros)).to(dtype)
 
     @torch.no_grad()
     def quantize_(self, w: torch.Tensor) -> "Int4Linear":
         for rows in _row_blocks(w, multiple=BLOCK_ROWS):
             groups = w[rows].float().reshape(-1, self.in_features // self.group_size, self.group_size)
             lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-            scales = ((hi - lo).clamp(min=1e-8) / 15).bfloat16().float()  # round with scale and zero as stored
-            zeros = (lo + 8 * scales).bfloat16().float()
+            scales = ((hi - lo).clamp(min=1e-8) / 15).to(self.scale_dtype).float()  # round with scale and zero as stored
+            zeros = (lo + 8 * scales).to(self.scale_dtype).float()
             q = torch.round((groups - zeros) / scales + 8).clamp(0, 15).to(torch.uint8).flatten(1)
-            pairs = torch.stack([scales, zeros], dim=-1).squeeze(2).transpose(0, 1).bfloat16()
-            pad = -q.shape[0] % BLOCK_ROWS  # the last block's rows past out_features: zeros
-            q, pairs = F.pad(q, (0, 0, 0, pad)), F.pad(pairs, (0, 0, 0, pad))
-            packed = self._pack(q.to(self.blocks.device), pairs.to(self.blocks.device))
-            self.blocks[rows.start // BLOCK_ROWS :][: packed.shape[0]] = packed
-        self._torch_pack = None
+            pairs = torch.stack([scales, zeros], dim=-1).squeeze(2).transpose(0, 1)
+            self._store(rows.start, weight=q[:, ::2] << 4 | q[:, 1::2], scales_and_zeros=pairs)
         return self
 
-    @property
-    def scales_and_zeros(self) -> torch.Tensor:
-        """[in / group_size, out, 2] bf16 (a copy)."""
-        pairs = self.blocks[..., : BLOCK_ROWS * 4].contiguous().view(torch.bfloat16)  # [blocks, groups, 32 * 2]
-        return pairs.transpose(0, 1).reshape(self.in_features // self.group_size, -1, 2)[:, : self.out_features]
-
-    def unpacked(self) -> torch.Tensor:
-        """q as int32 [out, in], values 0..15."""
-        blocks, groups = self.blocks.shape[:2]
-        nibbles = self.blocks[..., BLOCK_ROWS * 4 :].reshape(blocks, groups, self.group_size // 8, BLOCK_ROWS // 16, 16, 4)
-        q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).permute(0, 3, 4, 1, 2, 5)
-        return q.reshape(-1, self.in_features)[: self.out_features].int()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The nibbles as a quantized folder stores them: [out, in/2], q[2j] high, q[2j + 1] low (a copy)."""
-        q = self.unpacked().to(torch.uint8)
-        return q[:, ::2] << 4 | q[:, 1::2]
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        scales, zeros = self.scales_and_zeros.float().unbind(-1)  # [in / group_size, out]
-        expand = lambda t: t.transpose(0, 1).repeat_interleave(self.group_size, dim=1)  # noqa: E731
-        return ((self.unpacked() - 8) * expand(scales) + expand(zeros)).to(dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernel_can_run(x) and (kernels := compiled_kernels()) is not None:  # llama.cpu's VNNI kernel
+        if (kernels := self._kernel_or_none(x)) is not None:  # llama.cpu's VNNI kernel
             return kernels.mm_int4(x.contiguous(), self.blocks, self.out_features, self.group_size)
         flat = x.reshape(-1, self.in_features).contiguous()  # torch's int4 kernels refuse strided rows
-        if x.device.type == "cpu" and self.out_features % 16 == 0:  # torch's kernel, on its own copy of the weights
-            if self._torch_pack is None:
+        if x.device.type == "cpu" and self.out_features % 16 == 0:
+            if self._torch_copy is None:  # torch's kernel reads weights repacked into its layout: a second copy
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
-                self._torch_pack = packed, self.scales_and_zeros.contiguous()
-            packed, pairs = self._torch_pack
+                self._torch_copy = packed, self.portable()["scales_and_zeros"].contiguous()
+            packed, pairs = self._torch_copy
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, pairs.to(x.dtype))
         else:
-            _warn_fallback(x.device, "int4")
-            out = F.linear(flat, self.dequantized(x.dtype))
+            out = self._fallback(flat, "int4")
         return out.reshape(*x.shape[:-1], self.out_features)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight
-        destination[prefix + "scales_and_zeros"] = self.scales_and_zeros
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        expected = {"weight": (self.out_features, self.in_features // 2),
-                    "scales_and_zeros": (self.in_features // self.group_size, self.out_features, 2)}  # fmt: skip
-        if any(prefix + key not in state_dict for key in expected):
-            missing.extend(prefix + key for key in expected if prefix + key not in state_dict)
-            return
-        for key, shape in expected.items():
-            if tuple(state_dict[prefix + key].shape) != shape:
-                errors.append(f"{prefix}{key}: shape {tuple(state_dict[prefix + key].shape)}, expected {shape}")
-                return
-        nibbles, pairs = state_dict[prefix + "weight"], state_dict[prefix + "scales_and_zeros"].bfloat16()
-        q = torch.stack([nibbles >> 4, nibbles & 15], dim=-1).reshape(self.out_features, -1)
-        pad = -self.out_features % BLOCK_ROWS
-        with torch.no_grad():
-            self.blocks.copy_(self._pack(F.pad(q, (0, 0, 0, pad)), F.pad(pairs, (0, 0, 0, pad))))
-        self._torch_pack = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -203,11 +306,12 @@ def make_quantized(model: Transformer, scheme: str, group_size: int = 64, quanti
     for parent, child_name, _ in list(_linears(model)):
         linear = getattr(parent, child_name)
         dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.bfloat16
+        blocks = kernel_layout(dtype)
         with torch.device(linear.weight.device):
             if scheme == "int8":
-                q = Int8Linear(linear.in_features, linear.out_features, dtype)
+                q = Int8Linear(linear.in_features, linear.out_features, dtype, blocks)
             else:
-                q = Int4Linear(linear.in_features, linear.out_features, group_size)
+                q = Int4Linear(linear.in_features, linear.out_features, group_size, dtype, blocks)
         if quantize:
             q.quantize_(linear.weight)
             release_mapped([linear.weight], spans)  # its pages, when it lies in an mmap'd shard

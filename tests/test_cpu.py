@@ -130,8 +130,8 @@ def test_ops_have_shapes_for_tracing():
         bf16 = dict(dtype=torch.bfloat16)
         x, w = torch.empty(1, 1, 64, **bf16), torch.empty(96, 64, **bf16)
         assert torch.ops.llama_cpu.gemv_bf16(x, w).shape == (1, 1, 96)
-        q8 = torch.empty(96, 64, dtype=torch.int8)
-        assert torch.ops.llama_cpu.gemv_int8(x, q8, torch.empty(96, **bf16)).shape == (1, 1, 96)
+        blocks = torch.empty(3, 32 * 2 + 32 * 64, dtype=torch.uint8)  # Int8Linear(64, 96)
+        assert torch.ops.llama_cpu.mm_int8(x, blocks, 96).shape == (1, 1, 96)
         blocks = torch.empty(3, 2, 32 * (4 + 16), dtype=torch.uint8)  # Int4Linear(64, 96, group_size=32)
         assert torch.ops.llama_cpu.mm_int4(x, blocks, 96, 32).shape == (1, 1, 96)
         assert torch.ops.llama_cpu.rms_norm_bf16(x, torch.empty(64, **bf16), 1e-5).shape == x.shape

@@ -7,13 +7,11 @@
 // - rms_norm_bf16: RMSNorm, normalised in float32, rounded, then scaled by the weight.
 // - rope_bf16: the interleaved complex rotation of q and k.
 // - attend_one_bf16: softmax(q k^T / sqrt(D)) v for one new token over the cached positions.
-// - gemv_int8: x (w q)^T for up to 4 rows and llama.quantize's int8 weights w (one scale per output
-//   row); each x row is rounded to int16 with its own scale (15 bits, where bf16 holds 8), so that
-//   int8 x int16 products sum in integers (AVX-512 VNNI) at the memory's speed.
-// - mm_int4: x (w q)^T for any number of rows and llama.quantize's int4 weights (Int4Linear's
-//   layout: blocks of 32 output rows, each read as one stream); each x row is rounded to int8 per
-//   group of inputs (the weights' groups, as llama.cpp rounds to q8_0) so that 4-bit x 8-bit
-//   products sum in integers (AVX-512 VNNI).
+// - mm_int8 / mm_int4: x (w q)^T for any number of rows and llama.quantize's int8 / int4 weights, in
+//   the layouts of Int8Linear / Int4Linear (blocks of 32 output rows, each read as one stream). Each
+//   x row is rounded to int8 per group of inputs (as llama.cpp rounds activations to q8_0), so that
+//   8-bit x 8-bit and 4-bit x 8-bit products sum in integers (AVX-512 VNNI); a row's result does
+//   not depend on the other rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -238,90 +236,32 @@ at::Tensor attend_one_bf16(const at::Tensor& q, const at::Tensor& keys, const at
   return out;
 }
 
-template <int M>
-void int8_rows(const int16_t* xq, const float* sx, const int8_t* w, const c10::BFloat16* scales, int64_t K, int64_t N,
-               c10::BFloat16* y, int64_t begin, int64_t end) {
-  int64_t Kp = (K + 63) / 64 * 64;  // xq rows are zero-padded to this
-  for (int64_t n = begin; n < end; n++) {
-    const int8_t* wn = w + n * K;
-    __m512 total[M];
-    for (int m = 0; m < M; m++) total[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K;) {
-      // int32 sums of at most 4096 products per row (2 per lane and step) cannot overflow: 128 x 127 x 32767 < 2^31
-      __m512i acc[M][2];
-      for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-      for (int64_t stop = std::min(K, k + 4096); k < stop; k += 64) {
-        __mmask64 mask = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
-        __m512i v = _mm512_maskz_loadu_epi8(mask, wn + k);
-        __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v)), hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1));
-        for (int m = 0; m < M; m++) {
-          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], lo, _mm512_loadu_si512(xq + m * Kp + k));
-          acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], hi, _mm512_loadu_si512(xq + m * Kp + k + 32));
-        }
-      }
-      for (int m = 0; m < M; m++) total[m] = _mm512_add_ps(total[m], _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][0], acc[m][1])));
-    }
-    float scale = static_cast<float>(scales[n]);
-    for (int m = 0; m < M; m++) y[m * N + n] = c10::BFloat16(_mm512_reduce_add_ps(total[m]) * sx[m] * scale);
-  }
-}
-
-at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kChar && scales.scalar_type() == at::kBFloat16,
-              "gemv_int8: bf16 x, int8 w, bf16 scales");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && scales.is_contiguous() && w.dim() == 2 &&
-              x.size(-1) == w.size(1) && scales.numel() == w.size(0), "gemv_int8: bad layout");
-  int64_t K = w.size(1), N = w.size(0), M = K ? x.numel() / K : 0, Kp = (K + 63) / 64 * 64;
-  TORCH_CHECK(1 <= M && M <= 4, "gemv_int8: 1 to 4 rows, got ", M);
-  std::vector<int16_t> xq(M * Kp, 0);
-  float sx[4];
-  auto xp = x.data_ptr<c10::BFloat16>();
-  for (int64_t m = 0; m < M; m++) {
-    float top = 0;
-    for (int64_t k = 0; k < K; k++) top = std::max(top, std::fabs(f32(xp[m * K + k])));
-    sx[m] = top > 0 ? top / 32767 : 1.0f;
-    for (int64_t k = 0; k < K; k++) xq[m * Kp + k] = static_cast<int16_t>(std::nearbyint(f32(xp[m * K + k]) / sx[m]));
-  }
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options());
-  auto wp = static_cast<const int8_t*>(w.data_ptr());
-  const int16_t* xqp = xq.data();
-  auto sp = scales.data_ptr<c10::BFloat16>();
-  auto yp = y.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    switch (M) {
-      case 1: int8_rows<1>(xqp, sx, wp, sp, K, N, yp, begin, end); break;
-      case 2: int8_rows<2>(xqp, sx, wp, sp, K, N, yp, begin, end); break;
-      case 3: int8_rows<3>(xqp, sx, wp, sp, K, N, yp, begin, end); break;
-      default: int8_rows<4>(xqp, sx, wp, sp, K, N, yp, begin, end); break;
-    }
-  });
-  return y;
-}
-
 // x rounded to int8 per group of G inputs, a = round(x / s) with s = max|x| / 127: for each row and
-// group, s, the float sum of x (for the zero term) and -8 * sum(a) (the nibbles' offset of 8).
+// group, s, the float sum of x (for int4's zero term) and bias * sum(a), the integer sums' starting
+// point that undoes the weights' offset (int4: nibbles q hold q - 8, bias -8; int8: bytes hold q + 128,
+// bias -128). Rows are zero-padded to whole groups.
 struct Int8Groups {
+  int64_t stride;  // of a's rows: K rounded up to whole groups
   std::vector<int8_t> a;
   std::vector<float> scale, sum;
   std::vector<int32_t> offset;
 };
 
-inline __m512 load_bf16(const c10::BFloat16* p) {  // 16 bf16 -> float32: the bits shifted into the top half
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-Int8Groups int8_groups(const c10::BFloat16* x, int64_t M, int64_t K, int64_t G) {
-  int64_t NG = K / G;
-  Int8Groups q{std::vector<int8_t>(M * K), std::vector<float>(M * NG), std::vector<float>(M * NG),
+Int8Groups int8_groups(const c10::BFloat16* x, int64_t M, int64_t K, int64_t G, int32_t bias) {
+  int64_t NG = (K + G - 1) / G;
+  Int8Groups q{NG * G, std::vector<int8_t>(M * NG * G), std::vector<float>(M * NG), std::vector<float>(M * NG),
                std::vector<int32_t>(M * NG)};
   at::parallel_for(0, M * NG, std::max<int64_t>(1, 16384 / G), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; i++) {  // i = row * NG + group: x + i * G is the group's first input
-      const c10::BFloat16* xg = x + i * G;
+    for (int64_t i = begin; i < end; i++) {  // i = row * NG + group
+      int64_t m = i / NG, k0 = i % NG * G;
+      const c10::BFloat16* xg = x + m * K + k0;
+      auto load = [&](int64_t j) {  // 16 inputs as float32 (bf16 bits shifted into the top half), 0 past K
+        __mmask16 in = (__mmask16)((1u << std::clamp<int64_t>(K - k0 - j, 0, 16)) - 1);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, xg + j)), 16));
+      };
       __m512 top = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < G; j += 16) {
-        __m512 v = load_bf16(xg + j);
+        __m512 v = load(j);
         top = _mm512_max_ps(top, _mm512_abs_ps(v));
         sum = _mm512_add_ps(sum, v);
       }
@@ -329,13 +269,13 @@ Int8Groups int8_groups(const c10::BFloat16* x, int64_t M, int64_t K, int64_t G) 
       __m512 inv = _mm512_set1_ps(t > 0 ? 127 / t : 0.0f);
       __m512i total = _mm512_setzero_si512();
       for (int64_t j = 0; j < G; j += 16) {
-        __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(xg + j), inv));  // nearest, ties to even
-        _mm_storeu_si128((__m128i*)(q.a.data() + i * G + j), _mm512_cvtsepi32_epi8(a));
+        __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(load(j), inv));  // nearest, ties to even
+        _mm_storeu_si128((__m128i*)(q.a.data() + m * q.stride + k0 + j), _mm512_cvtsepi32_epi8(a));
         total = _mm512_add_epi32(total, a);
       }
       q.scale[i] = s;
       q.sum[i] = _mm512_reduce_add_ps(sum);
-      q.offset[i] = -8 * _mm512_reduce_add_epi32(total);
+      q.offset[i] = bias * _mm512_reduce_add_epi32(total);
     }
   });
   return q;
@@ -375,7 +315,7 @@ void int4_block(const Int8Groups& q, int64_t m0, const uint8_t* w, int64_t K, co
         hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       }
       for (int r = 0; r < R; r++) {
-        const int8_t* a = q.a.data() + (m0 + r) * K + g * G + c * 8;
+        const int8_t* a = q.a.data() + (m0 + r) * q.stride + g * G + c * 8;
         __m512i a0 = _mm512_set1_epi32(*(const int32_t*)a), a1 = _mm512_set1_epi32(*(const int32_t*)(a + 4));
         for (int b = 0; b < kBlocks; b++) {
           acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], lo[b], a0);
@@ -429,7 +369,7 @@ at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t 
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options());
   if (M == 0) return y;
-  Int8Groups q = int8_groups(x.data_ptr<c10::BFloat16>(), M, K, G);
+  Int8Groups q = int8_groups(x.data_ptr<c10::BFloat16>(), M, K, G, -8);
   auto wp = static_cast<const uint8_t*>(w.data_ptr());
   auto yp = y.data_ptr<c10::BFloat16>();
   switch (G) {
@@ -441,6 +381,73 @@ at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t 
   return y;
 }
 
+// llama.quantize.Int8Linear's layout: output rows in blocks of 32, each one stream: the 32 rows'
+// bf16 scales (64 bytes), then the inputs 4 at a time, 64 bytes per 16 rows: byte 4r + t holds
+// q[r][k + t] + 128 (unsigned, as vpdpbusd takes it), inputs past K zero.
+constexpr int64_t kInt8Group = 64;  // inputs per activation scale
+
+template <int R>
+void int8_block(const Int8Groups& q, int64_t m0, const uint8_t* w, int64_t NG, const __mmask16* rows, int64_t N,
+                c10::BFloat16* y) {
+  __m512 out[kBlocks][R];
+  for (int b = 0; b < kBlocks; b++)
+    for (int r = 0; r < R; r++) out[b][r] = _mm512_setzero_ps();
+  const uint8_t* wk = w + kBlocks * 32;
+  for (int64_t g = 0; g < NG; g++) {
+    __m512i acc[kBlocks][R];
+    for (int b = 0; b < kBlocks; b++)
+      for (int r = 0; r < R; r++) acc[b][r] = _mm512_set1_epi32(q.offset[(m0 + r) * NG + g]);
+#pragma GCC unroll 16
+    for (int c = 0; c < kInt8Group / 4; c++) {
+      __m512i v[kBlocks];
+      for (int b = 0; b < kBlocks; b++) v[b] = _mm512_loadu_si512(wk + ((g * kInt8Group / 4 + c) * kBlocks + b) * 64);
+      for (int r = 0; r < R; r++) {
+        __m512i a = _mm512_set1_epi32(*(const int32_t*)(q.a.data() + (m0 + r) * q.stride + g * kInt8Group + c * 4));
+        for (int b = 0; b < kBlocks; b++) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], v[b], a);
+      }
+    }
+    for (int b = 0; b < kBlocks; b++)
+      for (int r = 0; r < R; r++)
+        out[b][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b][r]), _mm512_set1_ps(q.scale[(m0 + r) * NG + g]), out[b][r]);
+  }
+  for (int b = 0; b < kBlocks; b++) {
+    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + b * 32))), 16));
+    for (int r = 0; r < R; r++)
+      _mm256_mask_storeu_epi16(y + b * 16 + (m0 + r) * N, rows[b], (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(out[b][r], scale)));
+  }
+}
+
+at::Tensor mm_int8(const at::Tensor& x, const at::Tensor& w, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kByte, "mm_int8: bf16 x, uint8 w");
+  int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NS = (N + 16 * kBlocks - 1) / (16 * kBlocks);
+  int64_t NG = (K + kInt8Group - 1) / kInt8Group, stream = kBlocks * 32 + NG * kInt8Group * kBlocks * 16;
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.dim() == 2 && w.size(0) == NS && w.size(1) == stream,
+              "mm_int8: bad layout");
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options());
+  if (M == 0) return y;
+  Int8Groups q = int8_groups(x.data_ptr<c10::BFloat16>(), M, K, kInt8Group, -128);
+  auto wp = static_cast<const uint8_t*>(w.data_ptr());
+  auto yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, NS, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; s++) {
+      int64_t n0 = s * kBlocks * 16;
+      __mmask16 rows[kBlocks];
+      for (int b = 0; b < kBlocks; b++) rows[b] = (__mmask16)((1u << std::clamp<int64_t>(N - n0 - b * 16, 0, 16)) - 1);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // a row's result does not depend on the others
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int8_block<1>(q, m0, wp + s * stream, NG, rows, N, yp + n0); break;
+          case 2: int8_block<2>(q, m0, wp + s * stream, NG, rows, N, yp + n0); break;
+          case 3: int8_block<3>(q, m0, wp + s * stream, NG, rows, N, yp + n0); break;
+          default: int8_block<4>(q, m0, wp + s * stream, NG, rows, N, yp + n0); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_cpu, m) {
@@ -448,7 +455,7 @@ TORCH_LIBRARY(llama_cpu, m) {
   m.def("rms_norm_bf16(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_bf16(Tensor q, Tensor k, Tensor freqs) -> (Tensor, Tensor)");
   m.def("attend_one_bf16(Tensor q, Tensor keys, Tensor values) -> Tensor");
-  m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("mm_int8(Tensor x, Tensor w, int out_features) -> Tensor");
   m.def("mm_int4(Tensor x, Tensor w, int out_features, int group_size) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
@@ -456,6 +463,6 @@ TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("rope_bf16", &rope_bf16);
   m.impl("attend_one_bf16", &attend_one_bf16);
-  m.impl("gemv_int8", &gemv_int8);
+  m.impl("mm_int8", &mm_int8);
   m.impl("mm_int4", &mm_int4);
 }
