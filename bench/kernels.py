@@ -17,9 +17,11 @@ import torch
 
 from speed import SHAPES, bandwidth_gbs
 
-from llama.cpu import GemvLinear, PackedLinear, aten_linear, compiled_kernels, linear_around
+from torch import nn
+
+from llama.cpu import GemvLinear, PackedLinear, aten_linear, compiled_kernels, linear_around, weight_bytes
 from llama.model import ModelArgs
-from llama.quantize import Int8Linear
+from llama.quantize import Int4Linear, Int8Linear
 
 
 def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:
@@ -28,12 +30,6 @@ def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:
     layer = [(args.dim, args.dim), (kv, args.dim), (kv, args.dim), (args.dim, args.dim),
              (ffn, args.dim), (ffn, args.dim), (args.dim, ffn)]  # fmt: skip
     return layer * args.n_layers + [(args.vocab_size, args.dim)]
-
-
-def torch_int8(w: torch.Tensor):
-    """Int8Linear's weights through torch's own int8 kernel (what quantize=int8 used before)."""
-    q = Int8Linear(w.shape[1], w.shape[0]).quantize_(w)
-    return lambda x: torch.ops.aten._weight_int8pack_mm(x, q.weight, q.scales)
 
 
 PLAIN = "bf16 nn.Linear (plain PyTorch)"
@@ -47,8 +43,14 @@ def kernels() -> dict:
         "bf16 PackedLinear (pack=True)": (PackedLinear, torch.bfloat16),
         PLAIN: (linear_around, torch.bfloat16),
         "fp16 nn.Linear (dtype=float16)": (lambda w: linear_around(w.half()), torch.float16),
+        # quantized: the compiled kernels' layout (the default here), or the portable one, which
+        # torch's own kernels read (where the compiled kernels cannot build)
         "int8 Int8Linear (quantize=int8)": (lambda w: Int8Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
-        "int8 torch _weight_int8pack_mm": (torch_int8, torch.bfloat16),
+        "int8 torch _weight_int8pack_mm": (
+            lambda w: Int8Linear(w.shape[1], w.shape[0], blocks=False).quantize_(w), torch.bfloat16),
+        "int4 Int4Linear (quantize=int4)": (lambda w: Int4Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
+        "int4 torch _weight_int4pack_mm_for_cpu": (
+            lambda w: Int4Linear(w.shape[1], w.shape[0], blocks=False).quantize_(w), torch.bfloat16),
     }
 
 
@@ -75,10 +77,12 @@ def main() -> None:
         args = ModelArgs(**SHAPES[shape], vocab_size=32000)
         dense = [torch.randn(o, i, generator=gen).to(torch.bfloat16) for o, i in step_shapes(args)]
         bf16_bytes = sum(w.numel() * 2 for w in dense)
-        steps = {}  # every kernel's modules at once, so that rounds can interleave them
+        steps, own_bytes = {}, {}  # every kernel's modules at once, so that rounds can interleave them
         for name, (make, dtype) in kernels().items():
             inputs = {d: torch.randn(1, d, generator=gen).to(dtype) for d in {w.shape[1] for w in dense}}
-            steps[name] = [lambda m=make(w), x=inputs[w.shape[1]]: m(x) for w in dense]
+            modules = [make(w) for w in dense]
+            own_bytes[name] = sum(weight_bytes(m) if isinstance(m, nn.Module) else w.numel() * 2 for m, w in zip(modules, dense))
+            steps[name] = [lambda m=m, x=inputs[w.shape[1]]: m(x) for m, w in zip(modules, dense)]
         times = {name: [] for name in steps}
         with torch.inference_mode():
             for calls in steps.values():
@@ -90,10 +94,12 @@ def main() -> None:
         for name, ts in times.items():
             seconds = statistics.median(ts)
             rows[name] = {"step_ms": seconds * 1e3, "bf16_equivalent_gbs": bf16_bytes / seconds / 1e9,
+                          "weight_bytes": own_bytes[name], "weight_gbs": own_bytes[name] / seconds / 1e9,
                           "tokens_per_s_bound": 1 / seconds,
                           "speedup_vs_plain": statistics.median(p / t for p, t in zip(times[PLAIN], ts))}  # fmt: skip
-            print(f"{shape:<5} {name:<36} {seconds * 1e3:8.2f} ms/step {bf16_bytes / seconds / 1e9:6.1f} GB/s (bf16 "
-                  f"bytes) -> at most {1 / seconds:6.1f} tokens/s, {rows[name]['speedup_vs_plain']:.2f}x plain")  # fmt: skip
+            print(f"{shape:<5} {name:<40} {seconds * 1e3:8.2f} ms/step {bf16_bytes / seconds / 1e9:6.1f} GB/s (bf16 "
+                  f"bytes), {rows[name]['weight_gbs']:5.1f} GB/s (its own) -> at most {1 / seconds:6.1f} tokens/s, "
+                  f"{rows[name]['speedup_vs_plain']:.2f}x plain")  # fmt: skip
         del steps
         results["shapes"][shape] = {"bf16_weight_bytes": bf16_bytes, "kernels": rows}
         del dense

@@ -75,10 +75,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp) / "tokenizer.model")  # found in the checkpoint's parent folder
         # pack=True: oneDNN-packed copies of the linears (llama.cpu); quantize: quantized while loading,
-        # its peak set against its own (int8) weight bytes.
+        # its peak set against its own (int8 / int4) weight bytes.
         for n_shards, dtype, pack, quantize in ((1, "bfloat16", False, None), (2, "bfloat16", False, None),
                                                 (1, "bfloat16", True, None), (1, "float32", False, None),
-                                                (1, "bfloat16", False, "int8")):  # fmt: skip
+                                                (1, "bfloat16", False, "int8"), (1, "bfloat16", False, "int4")):  # fmt: skip
             folder = Path(tmp) / f"mp{n_shards}"
             if not folder.exists():
                 save_checkpoint(model.state_dict(), args, folder, n_shards)

@@ -48,14 +48,20 @@ def decode_perplexity(llm: LLaMa, ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
-def seven_b_bytes(scheme: str | None) -> int:
+# (row name, scheme, int4 group size): the build's defaults, and int4 in groups of 32 for comparison
+SCHEMES = [("bf16", None, None), ("int8", "int8", None), ("int4", "int4", 64), ("int4, groups of 32", "int4", 32)]
+
+
+def quantized(model: Transformer, scheme: str | None, group_size: int | None, quantize: bool = True) -> Transformer:
+    return make_quantized(model, scheme, group_size or 64, quantize=quantize) if scheme else model
+
+
+def seven_b_bytes(scheme: str | None, group_size: int | None) -> int:
     """Weight bytes of Llama 2 7B: every linear quantized, the embedding kept in bf16."""
     args = ModelArgs.from_params(json.loads((ROOT / "params" / "llama-2-7b.json").read_text()))
     args.vocab_size = 32000
     with torch.device("meta"):
-        model = Transformer(args).to(torch.bfloat16)
-        if scheme:
-            make_quantized(model, scheme, quantize=False)
+        model = quantized(Transformer(args).to(torch.bfloat16), scheme, group_size, quantize=False)
     return weight_bytes(model)
 
 
@@ -70,16 +76,17 @@ def main() -> None:
     text = Path(opts.text).read_text(encoding="utf-8") if Path(opts.text).is_file() else None
     if text is None:
         print(f"{opts.text} is absent: skipping perplexity (pass --text)")
-    for scheme in (None, "int8", "int4"):
-        row = {"scheme": scheme or "bf16"}
-        llm = LLaMa.build(max_seq_len=opts.window + 1, max_batch_size=1, device="cpu", dtype="bfloat16", quantize=scheme)
+    for name, scheme, group_size in SCHEMES:
+        row = {"scheme": name}
+        llm = LLaMa.build(max_seq_len=opts.window + 1, max_batch_size=1, device="cpu", dtype="bfloat16")
+        quantized(llm.model, scheme, group_size)  # as quantize= in the build does
         row["builtin_weight_bytes"] = weight_bytes(llm.model)
         if text is not None:
             held_out = text[int(len(text) * 0.9) :]
             ids = llm.tokenizer.encode(held_out, bos=False, eos=False)[: opts.tokens + opts.window]
             row["perplexity"] = perplexity(llm, ids, opts.window)
             row["decode_perplexity"] = decode_perplexity(llm, ids, opts.window)
-        row["llama2_7b_weight_bytes"] = seven_b_bytes(scheme)
+        row["llama2_7b_weight_bytes"] = seven_b_bytes(scheme, group_size)
         rows.append(row)
     base = rows[0].get("perplexity")
     for row in rows:
@@ -91,28 +98,27 @@ def main() -> None:
     args = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000)
     x = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(0))
     logits = {}
-    for scheme in (None, "int8", "int4"):
+    for name, scheme, group_size in SCHEMES:
         with torch.device("meta"):
             model = Transformer(args)
         model = model.to(torch.bfloat16).to_empty(device="cpu").requires_grad_(False)
         model.init_weights(torch.Generator().manual_seed(0))
-        if scheme:
-            make_quantized(model, scheme)
+        quantized(model, scheme, group_size)
         use_kernels(model)  # as LLaMa.build runs a bf16 model on the CPU
         model.setup_cache(1, 64)
         with torch.inference_mode():  # the whole pass, then the last position again as a decode step
-            logits[scheme or "bf16"] = model(x, 0), model(x[:, -1:], 63)
+            logits[name] = model(x, 0), model(x[:, -1:], 63)
     for row in rows:
         for i, key in enumerate(("random_110m_max_logit_diff", "random_110m_decode_max_logit_diff")):
             row[key] = (logits[row["scheme"]][i] - logits["bf16"][i]).abs().max().item()
         row["random_110m_logit_scale"] = logits["bf16"][0].abs().max().item()
 
-    print(f"{'scheme':<6} {'perplexity':>10} {'change':>8} {'decode ppl':>10} {'change':>8} {'built-in MB':>11} "
+    print(f"{'scheme':<18} {'perplexity':>10} {'change':>8} {'decode ppl':>10} {'change':>8} {'built-in MB':>11} "
           f"{'7B GB':>6} {'max logit diff (110M): pass, step':>34}")  # fmt: skip
     for r in rows:
         ppl = " ".join(f"{r[k]:>10.3f} {r[k + '_change']:>+8.2%}" if k in r else f"{'-':>10} {'-':>8}"
                        for k in ("perplexity", "decode_perplexity"))  # fmt: skip
-        print(f"{r['scheme']:<6} {ppl} {r['builtin_weight_bytes'] / 1e6:>11.1f} {r['llama2_7b_weight_bytes'] / 1e9:>6.2f} "
+        print(f"{r['scheme']:<18} {ppl} {r['builtin_weight_bytes'] / 1e6:>11.1f} {r['llama2_7b_weight_bytes'] / 1e9:>6.2f} "
               f"{r['random_110m_max_logit_diff']:>10.4f}, {r['random_110m_decode_max_logit_diff']:.4f} "
               f"of {r['random_110m_logit_scale']:.2f}")  # fmt: skip
     result = {"rows": rows, "window": opts.window, "tokens": opts.tokens, "torch": torch.__version__}

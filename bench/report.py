@@ -56,12 +56,12 @@ def quantize_table(result: dict) -> str:
 
 
 def kernels_table(result: dict) -> str:
-    lines = ["| shape | kernel | ms per step (linears only) | GB/s of bf16 weights | at most tokens/s | vs plain PyTorch |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| shape | kernel | ms per step (linears only) | weight MB | GB/s of its weights | at most tokens/s "
+             "| vs plain PyTorch |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for shape, r in result["shapes"].items():
         for name, k in r["kernels"].items():
-            lines.append(f"| {shape} | {name} | {k['step_ms']:.1f} | {k['bf16_equivalent_gbs']:.1f} | "
-                         f"{k['tokens_per_s_bound']:.1f} | {k['speedup_vs_plain']:.2f}x |")  # fmt: skip
+            lines.append(f"| {shape} | {name} | {k['step_ms']:.1f} | {k['weight_bytes'] / 1e6:.0f} | "
+                         f"{k['weight_gbs']:.1f} | {k['tokens_per_s_bound']:.1f} | {k['speedup_vs_plain']:.2f}x |")  # fmt: skip
     return "\n".join(lines) + f"\n\nmemory bandwidth (copy probe): {result['bandwidth_gbs']:.1f} GB/s, " \
         f"{result['threads']} threads"  # fmt: skip
 

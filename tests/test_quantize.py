@@ -162,6 +162,18 @@ def test_quantized_bf16_batches_decode(make_ckpt, scheme):
     assert len(tokens) == 5 and all(1 <= len(t) <= 4 and max(t) < GQA["vocab_size"] for t in tokens)
 
 
+def test_a_quantized_folder_that_does_not_fit_its_params_names_the_file(make_ckpt, tmp_path):
+    folder, _ = make_ckpt(dict(GQA, multiple_of=64), 1)
+    out = save_quantized(LLaMa.build(folder, max_seq_len=8, quantize="int4").model, tmp_path / "q", folder / "tokenizer.model")
+    state = torch.load(out / "consolidated.00.pth", weights_only=True)
+    state["layers.0.feed_forward.w2.weight"] = state["layers.0.feed_forward.w2.weight"][:, :-1]
+    del state["layers.1.attention.wq.scales_and_zeros"]
+    torch.save(state, out / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated.00.pth does not match .*int4") as e:
+        LLaMa.build(out, max_seq_len=8)
+    assert "layers.0.feed_forward.w2.weight: shape" in str(e.value) and "layers.1.attention.wq.scales_and_zeros" in str(e.value)
+
+
 def test_bad_scheme_is_refused_before_loading(make_ckpt):
     folder, _ = make_ckpt(GQA, 1)
     with pytest.raises(ValueError, match="quantize='int3': use one of int8, int4"):

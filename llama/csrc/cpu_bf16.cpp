@@ -339,23 +339,30 @@ void int4_block(const Int8Groups& q, int64_t m0, const uint8_t* w, int64_t K, co
                                (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(out[b][r], zero_terms[b][r])));
 }
 
-template <int G>
-void int4_mm(const Int8Groups& q, int64_t M, int64_t K, int64_t N, const uint8_t* wp, c10::BFloat16* yp) {
+// Calls block.operator()<R>(s, rows, m0) for every block s of 32 output rows (rows[b]: which of
+// its outputs exist) and every run of R <= 4 rows of x from m0; the blocks are spread over threads.
+template <typename Block>
+void each_block(int64_t M, int64_t N, const Block& block) {
   at::parallel_for(0, (N + 16 * kBlocks - 1) / (16 * kBlocks), 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; s++) {
-      int64_t n0 = s * kBlocks * 16;
       __mmask16 rows[kBlocks];
-      for (int b = 0; b < kBlocks; b++) rows[b] = (__mmask16)((1u << std::clamp<int64_t>(N - n0 - b * 16, 0, 16)) - 1);
-      const uint8_t* w = wp + s * (K / G) * group_bytes<G>();
+      for (int b = 0; b < kBlocks; b++) rows[b] = (__mmask16)((1u << std::clamp<int64_t>(N - (s * kBlocks + b) * 16, 0, 16)) - 1);
       for (int64_t m0 = 0; m0 < M; m0 += 4) {  // a row's result does not depend on the others
         switch (std::min<int64_t>(4, M - m0)) {
-          case 1: int4_block<1, G>(q, m0, w, K, rows, N, yp + n0); break;
-          case 2: int4_block<2, G>(q, m0, w, K, rows, N, yp + n0); break;
-          case 3: int4_block<3, G>(q, m0, w, K, rows, N, yp + n0); break;
-          default: int4_block<4, G>(q, m0, w, K, rows, N, yp + n0); break;
+          case 1: block.template operator()<1>(s, rows, m0); break;
+          case 2: block.template operator()<2>(s, rows, m0); break;
+          case 3: block.template operator()<3>(s, rows, m0); break;
+          default: block.template operator()<4>(s, rows, m0); break;
         }
       }
     }
+  });
+}
+
+template <int G>
+void int4_mm(const Int8Groups& q, int64_t M, int64_t K, int64_t N, const uint8_t* wp, c10::BFloat16* yp) {
+  each_block(M, N, [&]<int R>(int64_t s, const __mmask16* rows, int64_t m0) {
+    int4_block<R, G>(q, m0, wp + s * (K / G) * group_bytes<G>(), K, rows, N, yp + s * kBlocks * 16);
   });
 }
 
@@ -430,20 +437,8 @@ at::Tensor mm_int8(const at::Tensor& x, const at::Tensor& w, int64_t N) {
   Int8Groups q = int8_groups(x.data_ptr<c10::BFloat16>(), M, K, kInt8Group, -128);
   auto wp = static_cast<const uint8_t*>(w.data_ptr());
   auto yp = y.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, NS, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; s++) {
-      int64_t n0 = s * kBlocks * 16;
-      __mmask16 rows[kBlocks];
-      for (int b = 0; b < kBlocks; b++) rows[b] = (__mmask16)((1u << std::clamp<int64_t>(N - n0 - b * 16, 0, 16)) - 1);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // a row's result does not depend on the others
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: int8_block<1>(q, m0, wp + s * stream, NG, rows, N, yp + n0); break;
-          case 2: int8_block<2>(q, m0, wp + s * stream, NG, rows, N, yp + n0); break;
-          case 3: int8_block<3>(q, m0, wp + s * stream, NG, rows, N, yp + n0); break;
-          default: int8_block<4>(q, m0, wp + s * stream, NG, rows, N, yp + n0); break;
-        }
-      }
-    }
+  each_block(M, N, [&]<int R>(int64_t s, const __mmask16* rows, int64_t m0) {
+    int8_block<R>(q, m0, wp + s * stream, NG, rows, N, yp + s * kBlocks * 16);
   });
   return y;
 }
