@@ -35,7 +35,7 @@ def speed_table(result: dict) -> str:
              f"{result['new_tokens']} new tokens"]  # fmt: skip
     for shape, peers in shapes.items():  # with several rounds, the spread of the batch-1 ratio
         for peer, row in peers.items():
-            other = "llamacpp" if peer in ("ours", "ours-packed") else None
+            other = next((o for p, o in COUNTERPARTS if p == peer and o.startswith("llamacpp")), None)
             if other in peers and len(row["rounds"]) > 2:
                 ratios = [a["decode_b1"] / b["decode_b1"] for a, b in zip(row["rounds"], peers[other]["rounds"])]
                 notes.append(f"{shape} {peer} / {other} decode b1, round by round: {', '.join(f'{r:.2f}x' for r in ratios)}")

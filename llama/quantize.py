@@ -165,16 +165,17 @@ class Int8Linear(QuantizedLinear):
 
     def _pack(self, weight, scales):
         blocks = weight.shape[0] // BLOCK_ROWS
-        u = F.pad((weight.short() + 128).to(torch.uint8), (0, self.padded_in - self.in_features))
-        u = u.reshape(blocks, BLOCK_ROWS // 16, 16, self.padded_in // 4, 4).permute(0, 3, 1, 2, 4).reshape(blocks, -1)
-        return torch.cat([scales.bfloat16().reshape(blocks, BLOCK_ROWS).view(torch.uint8), u], dim=1)
+        u = F.pad(weight.view(torch.uint8) ^ 128, (0, self.padded_in - self.in_features))  # q + 128
+        # 4 inputs of a row are one int32: the layout is a permutation of those
+        u = u.view(torch.int32).reshape(blocks, BLOCK_ROWS // 16, 16, -1).permute(0, 3, 1, 2).contiguous()
+        return torch.cat([scales.bfloat16().reshape(blocks, BLOCK_ROWS).view(torch.uint8), u.view(torch.uint8).flatten(1)], dim=1)
 
     def _unpack(self):
         blocks = self.blocks.shape[0]
         scales = self.blocks[:, : BLOCK_ROWS * 2].contiguous().view(torch.bfloat16).flatten()
-        u = self.blocks[:, BLOCK_ROWS * 2 :].reshape(blocks, self.padded_in // 4, BLOCK_ROWS // 16, 16, 4)
-        weight = (u.permute(0, 2, 3, 1, 4).reshape(blocks * BLOCK_ROWS, -1).short() - 128).to(torch.int8)
-        return {"weight": weight[: self.out_features, : self.in_features], "scales": scales[: self.out_features]}
+        u = self.blocks[:, BLOCK_ROWS * 2 :].contiguous().view(torch.int32).reshape(blocks, -1, BLOCK_ROWS // 16, 16)
+        weight = u.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(blocks * BLOCK_ROWS, -1) ^ 128
+        return {"weight": weight.view(torch.int8)[: self.out_features, : self.in_features], "scales": scales[: self.out_features]}
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         weight, scales = self.portable().values()
@@ -235,9 +236,10 @@ class Int4Linear(QuantizedLinear):
 
     def _pack(self, weight, scales_and_zeros):
         blocks, groups = weight.shape[0] // BLOCK_ROWS, self.in_features // self.group_size
-        q = torch.stack([weight >> 4, weight & 15], dim=-1)
-        q = q.reshape(blocks, BLOCK_ROWS // 16, 16, groups, self.group_size // 8, 8).permute(0, 3, 4, 1, 2, 5)
-        nibbles = (q[..., :4] | q[..., 4:] << 4).reshape(blocks, groups, -1)
+        q = torch.stack([weight >> 4, weight & 15], dim=-1).reshape(weight.shape[0], -1, 2, 4)  # [rows, in / 8, 2, 4]
+        # a row's 8 inputs are one int32 (nibbles k + t low, k + 4 + t high): the layout permutes those
+        lanes = (q[:, :, 0] | q[:, :, 1] << 4).view(torch.int32).reshape(blocks, BLOCK_ROWS // 16, 16, groups, -1)
+        nibbles = lanes.permute(0, 3, 4, 1, 2).contiguous().view(torch.uint8).reshape(blocks, groups, -1)
         pairs = scales_and_zeros.bfloat16().reshape(groups, blocks, -1).transpose(0, 1).contiguous().view(torch.uint8)
         return torch.cat([pairs, nibbles], dim=-1)
 
@@ -245,9 +247,10 @@ class Int4Linear(QuantizedLinear):
         blocks, groups = self.blocks.shape[:2]
         pairs = self.blocks[..., : BLOCK_ROWS * 4].contiguous().view(torch.bfloat16)  # [blocks, groups, 32 * 2]
         pairs = pairs.transpose(0, 1).reshape(groups, -1, 2)[:, : self.out_features]
-        nibbles = self.blocks[..., BLOCK_ROWS * 4 :].reshape(blocks, groups, self.group_size // 8, BLOCK_ROWS // 16, 16, 4)
-        q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).permute(0, 3, 4, 1, 2, 5).reshape(blocks * BLOCK_ROWS, -1)
-        q = q[: self.out_features]
+        lanes = self.blocks[..., BLOCK_ROWS * 4 :].contiguous().view(torch.int32)
+        lanes = lanes.reshape(blocks, groups, -1, BLOCK_ROWS // 16, 16).permute(0, 3, 4, 1, 2).contiguous()
+        nibbles = lanes.view(torch.uint8).reshape(blocks * BLOCK_ROWS, -1, 1, 4)  # [rows, in / 8, 1, 4]
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=2).reshape(blocks * BLOCK_ROWS, -1)[: self.out_features]
         return {"weight": q[:, ::2] << 4 | q[:, 1::2], "scales_and_zeros": pairs}
 
     def unpacked(self) -> torch.Tensor:
