@@ -143,6 +143,10 @@ class QuantizedLinear(nn.Module):
         _warn_fallback(x.device, scheme)
         return F.linear(x, self.dequantized(x.dtype))
 
+    def extra_repr(self) -> str:
+        layout = "llama.cpu's blocks" if "blocks" in self._buffers else "portable"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
+
 
 class Int8Linear(QuantizedLinear):
     """int8 weights, one scale per output row: w = q * scale (symmetric). Portable: `weight` [out,
@@ -290,7 +294,7 @@ class Int4Linear(QuantizedLinear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 def _linears(model: Transformer):
