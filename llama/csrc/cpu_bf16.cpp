@@ -25,6 +25,13 @@
 
 namespace {
 
+// An output for x's rows with N values each: x's shape with N last.
+at::Tensor rows_like(const at::Tensor& x, int64_t N) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return at::empty(sizes, x.options());
+}
+
 // U independent sums per row hide the latency of the dot-product instruction.
 template <int M, int U>
 void rows(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N, c10::BFloat16* y, int64_t begin, int64_t end) {
@@ -65,9 +72,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.dim() == 2 && x.size(-1) == w.size(1), "gemv_bf16: bad layout");
   int64_t K = w.size(1), N = w.size(0), M = K ? x.numel() / K : 0;
   TORCH_CHECK(1 <= M && M <= 4, "gemv_bf16: 1 to 4 rows, got ", M);
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options());
+  at::Tensor y = rows_like(x, N);
   auto xp = (const uint16_t*)x.data_ptr(), wp = (const uint16_t*)w.data_ptr();
   auto yp = y.data_ptr<c10::BFloat16>();
   switch (M) {
@@ -372,9 +377,7 @@ at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t 
   TORCH_CHECK(G == 32 || G == 64 || G == 128 || G == 256, "mm_int4: group size 32, 64, 128 or 256, not ", G);
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && K % G == 0 && w.dim() == 3 && w.size(0) == NS &&
               w.size(1) == K / G && w.size(2) == kBlocks * 64 * (1 + G / 8), "mm_int4: bad layout");
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options());
+  at::Tensor y = rows_like(x, N);
   if (M == 0) return y;
   Int8Groups q = int8_groups(x.data_ptr<c10::BFloat16>(), M, K, G, -8);
   auto wp = static_cast<const uint8_t*>(w.data_ptr());
@@ -430,9 +433,7 @@ at::Tensor mm_int8(const at::Tensor& x, const at::Tensor& w, int64_t N) {
   int64_t NG = (K + kInt8Group - 1) / kInt8Group, stream = kBlocks * 32 + NG * kInt8Group * kBlocks * 16;
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.dim() == 2 && w.size(0) == NS && w.size(1) == stream,
               "mm_int8: bad layout");
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options());
+  at::Tensor y = rows_like(x, N);
   if (M == 0) return y;
   Int8Groups q = int8_groups(x.data_ptr<c10::BFloat16>(), M, K, kInt8Group, -128);
   auto wp = static_cast<const uint8_t*>(w.data_ptr());
