@@ -3,9 +3,9 @@ outside the model (the model file knows nothing of it), and a quantized folder t
 
 int8: per output channel, symmetric, w = q * scale. int4: groups of `group_size` inputs (64 by
 default: 4.5 bits per weight, as llama.cpp's q4_0) with an offset, w = (q - 8) * scale + zero, q in
-0..15. On a CPU with AVX-512 VNNI, bf16 matmuls run in llama.cpu's compiled kernels: int8 decode
-steps (up to 4 rows), every int4 matmul. Elsewhere they run in torch's packed CPU kernels, and
-where no kernel exists the weight is dequantized on the fly (and the log says so).
+0..15. In bf16 on a CPU with AVX-512 VNNI every matmul runs in llama.cpu's compiled kernels
+(QuantizedLinear's kernel layout); elsewhere in torch's packed CPU kernels, and where no kernel
+exists the weight is dequantized on the fly (and the log says so).
 """
 
 import json
@@ -201,8 +201,8 @@ class Int8Linear(QuantizedLinear):
         flat = x.reshape(-1, self.in_features).contiguous()  # generation projects a strided [B, dim] view
         if x.device.type == "cpu" and self.in_features % 16 == 0:  # torch's kernel gives NaN for other widths
             weight, scales = self._torch_copy or self.portable().values()
-            if "blocks" in self._buffers:
-                self._torch_copy = weight, scales  # kept: a second copy, for a model moved off its kernels
+            if "blocks" in self._buffers:  # float32 input, or autograd, on the kernel layout: a second copy, kept
+                self._torch_copy = weight, scales
             out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales.to(x.dtype))
         else:
             out = self._fallback(flat, "int8")
