@@ -21,7 +21,7 @@ from torch import nn
 
 from llama.cpu import GemvLinear, PackedLinear, aten_linear, compiled_kernels, linear_around, weight_bytes
 from llama.model import ModelArgs
-from llama.quantize import Int4Linear, Int8Linear
+from llama.quantized_linear import Int4Linear, Int8Linear
 
 
 def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:

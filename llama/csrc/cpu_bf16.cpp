@@ -7,11 +7,11 @@
 // - rms_norm_bf16: RMSNorm, normalised in float32, rounded, then scaled by the weight.
 // - rope_bf16: the interleaved complex rotation of q and k.
 // - attend_one_bf16: softmax(q k^T / sqrt(D)) v for one new token over the cached positions.
-// - mm_int8 / mm_int4: x (w q)^T for any number of rows and llama.quantize's int8 / int4 weights, in
-//   the layouts of Int8Linear / Int4Linear (blocks of 32 output rows, each read as one stream). Each
-//   x row is rounded to int8 per group of inputs (as llama.cpp rounds activations to q8_0), so that
-//   8-bit x 8-bit and 4-bit x 8-bit products sum in integers (AVX-512 VNNI); a row's result does
-//   not depend on the other rows.
+// - mm_int8 / mm_int4: x (w q)^T for any number of rows and int8 / int4 weights in the layouts of
+//   llama.quantized_linear's Int8Linear / Int4Linear (blocks of 32 output rows, each read as one
+//   stream). Each x row is rounded to int8 per group of inputs (as llama.cpp rounds activations to
+//   q8_0), so that 8-bit x 8-bit and 4-bit x 8-bit products sum in integers (AVX-512 VNNI); a
+//   row's result does not depend on the other rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -286,7 +286,7 @@ Int8Groups int8_groups(const c10::BFloat16* x, int64_t M, int64_t K, int64_t G, 
   return q;
 }
 
-// llama.quantize.Int4Linear's layout: output rows in blocks of 32 (kBlocks x 16), each block one
+// llama.quantized_linear.Int4Linear's layout: output rows in blocks of 32 (kBlocks x 16), each block one
 // stream through the inputs: for every group of G inputs, the 32 rows' (scale, zero) bf16 pairs
 // (a 32-bit lane per row, 64 bytes per 16 rows), then the group's nibbles 8 inputs at a time, 64
 // bytes per 16 rows: byte 4r + t holds q[r][k + t] in its low nibble and q[r][k + 4 + t] in its
@@ -391,7 +391,7 @@ at::Tensor mm_int4(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t 
   return y;
 }
 
-// llama.quantize.Int8Linear's layout: output rows in blocks of 32, each one stream: the 32 rows'
+// llama.quantized_linear.Int8Linear's layout: output rows in blocks of 32, each one stream: the 32 rows'
 // bf16 scales (64 bytes), then the inputs 4 at a time, 64 bytes per 16 rows: byte 4r + t holds
 // q[r][k + t] + 128 (unsigned, as vpdpbusd takes it), inputs past K zero.
 constexpr int64_t kInt8Group = 64;  // inputs per activation scale
