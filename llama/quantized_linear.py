@@ -208,7 +208,9 @@ class Int4Linear(QuantizedLinear):
     def __init__(self, in_features: int, out_features: int, group_size: int = 64, dtype: torch.dtype = torch.bfloat16,
                  blocks: bool | None = None):  # fmt: skip
         if in_features % group_size:
-            raise ValueError(f"int4 group_size={group_size} does not divide in_features={in_features}")
+            fits = [g for g in GROUP_SIZES if in_features % g == 0]
+            fix = f"make_quantized(model, 'int4', group_size={fits[-1]})" if fits else "int8"
+            raise ValueError(f"int4 group_size={group_size} does not divide in_features={in_features}: use {fix}")
         if group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group_size={group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")
         self.group_size = group_size
