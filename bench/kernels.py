@@ -19,7 +19,8 @@ from speed import SHAPES, bandwidth_gbs
 
 from torch import nn
 
-from llama.cpu import GemvLinear, PackedLinear, aten_linear, compiled_kernels, linear_around, weight_bytes
+from llama.cpu import GemvLinear, PackedLinear, aten_linear, linear_around, weight_bytes
+from llama.kernels import compiled_kernels
 from llama.model import ModelArgs
 from llama.quantized_linear import Int4Linear, Int8Linear
 
@@ -47,10 +48,10 @@ def kernels() -> dict:
         # torch's own kernels read (where the compiled kernels cannot build)
         "int8 Int8Linear (quantize=int8)": (lambda w: Int8Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
         "int8 torch _weight_int8pack_mm": (
-            lambda w: Int8Linear(w.shape[1], w.shape[0], blocks=False).quantize_(w), torch.bfloat16),
+            lambda w: Int8Linear(w.shape[1], w.shape[0], kernel_layout=False).quantize_(w), torch.bfloat16),
         "int4 Int4Linear (quantize=int4)": (lambda w: Int4Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
         "int4 torch _weight_int4pack_mm_for_cpu": (
-            lambda w: Int4Linear(w.shape[1], w.shape[0], blocks=False).quantize_(w), torch.bfloat16),
+            lambda w: Int4Linear(w.shape[1], w.shape[0], kernel_layout=False).quantize_(w), torch.bfloat16),
     }
 
 

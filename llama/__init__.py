@@ -1,8 +1,8 @@
 """LLaMA in Meta's checkpoint layout, on any single device: `LLaMa.build(folder).text_completion(...)`."""
 
-from llama.decoding import StreamEvent
-from llama.generation import Completions, LLaMa
+from llama.decoding import Completions, StreamEvent
+from llama.generation import LLaMa
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
 
-__all__ = ["Completions", "LLaMa", "ModelArgs", "StreamEvent", "Transformer", "Tokenizer"]
+__all__ = ["Completions", "LLaMa", "ModelArgs", "StreamEvent", "Tokenizer", "Transformer"]

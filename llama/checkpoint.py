@@ -5,11 +5,9 @@ writes them back the way Meta splits them. Tensors never pass through pickle cod
 every load is `weights_only=True`.
 """
 
-import ctypes
 import hashlib
 import json
 import logging
-import mmap
 import os
 import pickle
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from llama.model import ModelArgs, Transformer
-from llama.runtime import resolve_dtype
+from llama.runtime import file_mappings, release_mapped, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -41,40 +39,6 @@ def read_params(ckpt_dir: str | os.PathLike) -> ModelArgs:
     if args.extra:
         logger.info("%s: keeping keys this version does not use: %s", path, sorted(args.extra))
     return args
-
-
-def file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's file-backed memory mappings (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    spans = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith("/"):  # a path: mapped from a file
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            spans.append((start, end))
-    return spans
-
-
-def release_mapped(tensors: list[torch.Tensor], spans: list[tuple[int, int]] | None = None) -> None:
-    """Give back the resident pages of weights read from an mmap'd shard once they have been
-    consumed (copied, packed or quantized into new memory), so a transform while loading peaks near
-    the size of its result, not the file plus the result. Only whole pages inside file-backed
-    mappings are dropped: the file still holds their bytes, and anonymous memory is never touched.
-    spans: file_mappings() read once for many calls (~1 ms each), at a time the tensors existed."""
-    spans = file_mappings() if spans is None else spans
-    if not spans:
-        return
-    madvise = ctypes.CDLL(None).madvise
-    page = mmap.PAGESIZE
-    for t in tensors:
-        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        lo, hi = -(-lo // page) * page, hi // page * page
-        if hi > lo and any(s <= lo and hi <= e for s, e in spans):
-            madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
 def find_tokenizer(ckpt_dir: Path) -> Path | None:
@@ -101,7 +65,8 @@ def split_dim(key: str, shape: torch.Size, args: ModelArgs) -> int | None:
     raise ValueError(f"unexpected 2-D weight {key!r} {tuple(shape)}: not part of Meta's LLaMA layout")
 
 
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """A .pth file's tensors, mapped (mmap) where the format allows; refused if it holds other objects."""
     try:
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -132,7 +97,7 @@ class MetaCheckpoint:
         for what, count in (("n_heads", self.args.n_heads), ("n_kv_heads", self.args.kv_heads)):
             if count % n:
                 raise ValueError(f"{n} shards in {self.dir} cannot split {what}={count}: is a shard missing or extra?")
-        self.shards = [_load_shard(p) for p in self.paths]
+        self.shards = [load_shard(p) for p in self.paths]
         for shard in self.shards:
             for key in DROPPED_KEYS:
                 shard.pop(key, None)

@@ -1,11 +1,11 @@
-"""Meta's decoding schedule (llama/generation.py's loop) as a Python generator: a right-padded
-batch [B, total_len], decoding from the shortest prompt, longer prompts' tokens forced, per-row EOS
-after the prompt. When text is wanted (streaming, stop strings) each step yields what every row
-newly completed, decoded incrementally; the generator's return value is the whole result.
+"""Meta's decoding loop (llama/generation.py's `generate`) as a generator of steps, and what is
+layered on it: each row's ids, logprobs and text as they complete (streaming, stop strings), and
+Meta's final cut (the prompt unless echo, the first EOS). The loop's batch is [B, total_len],
+right-padded with the tokenizer's pad id, decoded from the shortest prompt, longer prompts' tokens
+forced, each row done at its EOS or its max_gen_len-th token.
 """
 
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -16,17 +16,93 @@ from llama.sampling import Sampler
 from llama.tokenizer import StreamDecoder, Tokenizer
 
 
+class Step(NamedTuple):
+    """One position of Meta's loop, for every row of the batch."""
+
+    pos: int  # the position just filled
+    tokens: list[int]  # the token at pos in each row: sampled, or the prompt's own
+    new: list[bool]  # the token is new output: sampled after the row's prompt, before the row ended
+    ends: list[bool]  # the row ends with this new token: EOS, or its max_gen_len-th
+    logprobs: list[list[float]] | None  # per row, those of the tokens after the last step's pos, up to pos
+
+
 class StreamEvent(NamedTuple):
     index: int  # the row (prompt) in the batch
     text: str  # newly completed text, "" when only `done` is news
     done: bool  # the row has finished: EOS, max_gen_len, a stop string or max_seq_len
 
 
-@dataclass
-class Decoded:
-    tokens: list[list[int]]  # per row: prompt + generated ids, cut at max_gen_len and any stop string
-    logprobs: list[list[float]] | None  # logprob i scores token i given the tokens before it
-    texts: list[str] | None  # per row, the generated text cut before its stop string (when text was wanted)
+class Completions(tuple):
+    """`tokens, texts = llm.text_completion(...)`; `.logprobs` holds the per-token logprobs."""
+
+    def __new__(cls, tokens: list[list[int]], texts: list[str], logprobs: list[list[float]] | None = None):
+        self = super().__new__(cls, (tokens, texts))
+        self.logprobs = logprobs
+        return self
+
+    tokens = property(lambda self: self[0])
+    texts = property(lambda self: self[1])
+
+
+@torch.inference_mode()  # on a generator: switched on inside each step only, not in the caller between steps
+def decode_steps(
+    model: Transformer,
+    prompt_tokens: list[list[int]],
+    max_gen_len: int,
+    sampler: Sampler,
+    generator: torch.Generator,
+    pad_id: int,
+    eos_id: int,
+    logprobs: bool = False,
+) -> Iterator[Step]:
+    """Meta's loop, one Step per position, until every row is done or max_seq_len is reached."""
+    device = model.tok_embeddings.weight.device  # never packed or quantized
+    bsz = len(prompt_tokens)
+    prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
+    min_prompt_len, max_prompt_len = min(map(len, prompt_tokens)), max(map(len, prompt_tokens))
+    total_len = min(model.max_seq_len, max_gen_len + max_prompt_len)
+
+    tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+    for k, t in enumerate(prompt_tokens):
+        tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+    input_text_mask = tokens != pad_id
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+
+    if min_prompt_len == total_len:
+        if logprobs:
+            # Nothing to generate: score the prompts. Logits at i predict token i + 1 (Meta's code
+            # compares them with token i, one position off).
+            scores = -F.cross_entropy(
+                model(tokens, 0)[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad_id
+            )
+            yield Step(total_len - 1, tokens[:, -1].tolist(), [False] * bsz, [False] * bsz, scores.tolist())
+        return
+
+    prev_pos = 0
+    for cur_pos in range(min_prompt_len, total_len):
+        if logprobs:
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos)
+            last = logits[:, -1]
+        else:  # only the last position is sampled from; [B, dim] (a strided [B, 1, dim] view would
+            # make matmul materialise the output weight once per row)
+            last = model.output(model.hidden(tokens[:, prev_pos:cur_pos], prev_pos)[:, -1]).float()
+        token = sampler(last, tokens[:, :cur_pos], generator)
+        # Rows still inside their prompt take the prompt's token, not the sample.
+        generated = ~input_text_mask[:, cur_pos]
+        token = torch.where(generated, token, tokens[:, cur_pos])
+        tokens[:, cur_pos] = token
+        scores = None
+        if logprobs:
+            target = tokens[:, prev_pos + 1 : cur_pos + 1]
+            scores = -F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=pad_id)
+        new = generated & ~done
+        # A row is done at its EOS or its last allowed token; later steps cannot change its output.
+        ends = new & ((token == eos_id) | (cur_pos + 1 >= prompt_lens + max_gen_len))
+        done |= ends
+        yield Step(cur_pos, token.tolist(), new.tolist(), ends.tolist(), None if scores is None else scores.tolist())
+        prev_pos = cur_pos
+        if all(done):
+            break
 
 
 class _RowText:
@@ -36,10 +112,10 @@ class _RowText:
         self.decoder, self.stop = StreamDecoder(tokenizer), stop
         self.text, self.sent = "", 0
 
-    def add(self, piece: str) -> tuple[str, bool]:
-        """Append decoded text; return (text now safe to show, whether a stop string ended it)."""
+    def push(self, token: int) -> tuple[str, bool]:
+        """Decode one more id; return (text now safe to show, whether a stop string ended it)."""
         start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
-        self.text += piece
+        self.text += self.decoder.push(token)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
@@ -56,89 +132,64 @@ class _RowText:
         return out
 
 
-def decode(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompt_tokens: list[list[int]],
-    max_gen_len: int,
-    sampler: Sampler,
-    generator: torch.Generator,
-    logprobs: bool = False,
-    want_text: bool = False,
-    stop: list[str] | None = None,
-) -> Generator[list[StreamEvent], None, Decoded]:
-    """Run Meta's loop; with want_text or stop, yield each step's StreamEvents. Returns Decoded."""
-    device = model.tok_embeddings.weight.device  # never packed or quantized
-    bsz, stop = len(prompt_tokens), stop or []
-    want_text = want_text or bool(stop)
-    prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
-    min_prompt_len, max_prompt_len = min(map(len, prompt_tokens)), max(map(len, prompt_tokens))
-    total_len = min(model.max_seq_len, max_gen_len + max_prompt_len)
-    pad_id, eos_id = tokenizer.pad_id, tokenizer.eos_id
+class Outputs:
+    """Each row's output as the steps arrive: its ids (prompt first) and logprobs up to where it
+    ended and, when text is wanted (streaming, stop strings), its text, decoded as it completes."""
 
-    tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
-    for k, t in enumerate(prompt_tokens):
-        tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-    token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
-    input_text_mask = tokens != pad_id
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    rows = [_RowText(tokenizer, stop) for _ in range(bsz)] if want_text else []
-    ends = [len(t) + max_gen_len for t in prompt_tokens]  # exclusive end of each row's tokens
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[list[int]], stop: list[str], want_text: bool):
+        self.tokenizer, self.prompt_tokens = tokenizer, prompt_tokens
+        self.tokens = [list(t) for t in prompt_tokens]
+        self.logprobs = [[0.0] for _ in prompt_tokens]  # logprob i scores token i given the ones before it
+        self.ended = [False] * len(prompt_tokens)
+        self.texts = [_RowText(tokenizer, stop) for _ in prompt_tokens] if want_text or stop else None
 
-    if min_prompt_len == total_len and logprobs:
-        # Nothing to generate: score the prompts. Logits at i predict token i + 1 (Meta's code
-        # compares them with token i, one position off).
-        logits = model(tokens, 0)
-        token_logprobs[:, 1:] = -F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad_id
-        )
+    def events(self, steps: Iterator[Step]) -> Iterator[StreamEvent]:
+        """Take steps until every row has ended, yielding each row's new text (with text wanted)."""
+        for step in steps:
+            yield from self._add(step)
+            if all(self.ended):
+                break
+        if self.texts is not None:  # rows cut by max_seq_len
+            yield from (StreamEvent(b, row.finish(), True) for b, row in enumerate(self.texts) if not self.ended[b])
 
-    prev_pos = 0
-    for cur_pos in range(min_prompt_len, total_len):
-        if logprobs:
-            logits = model(tokens[:, prev_pos:cur_pos], prev_pos)
-            last = logits[:, -1]
-        else:  # only the last position is sampled from; [B, dim] (a strided [B, 1, dim] view would
-            # make matmul materialise the output weight once per row)
-            last = model.output(model.hidden(tokens[:, prev_pos:cur_pos], prev_pos)[:, -1]).float()
-        token = sampler(last, tokens[:, :cur_pos], generator)
-        # Rows still inside their prompt take the prompt's token, not the sample.
-        generated = ~input_text_mask[:, cur_pos]
-        token = torch.where(generated, token, tokens[:, cur_pos])
-        tokens[:, cur_pos] = token
-        if logprobs:
-            token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=pad_id
-            )
-        was_done = done.clone()
-        # A row is done at its EOS or its last allowed token; later steps cannot change its output.
-        done |= generated & ((token == eos_id) | (cur_pos + 1 >= prompt_lens + max_gen_len))
-        prev_pos = cur_pos
-        if want_text:
-            yield list(_text_events(rows, tokens[:, cur_pos].tolist(), generated.tolist(), was_done.tolist(),
-                                    done, eos_id, ends, cur_pos))  # fmt: skip
-        if all(done):
-            break
+    def consume(self, steps: Iterator[Step]) -> None:
+        for _ in self.events(steps):
+            pass
 
-    finals = [StreamEvent(b, row.finish(), True) for b, row in enumerate(rows) if not done[b]]
-    if finals:
-        yield finals
-    token_logprobs = token_logprobs.tolist() if logprobs else None
-    out_tokens = [toks[:end] for toks, end in zip(tokens.tolist(), ends)]
-    out_logprobs = [lp[:end] for lp, end in zip(token_logprobs, ends)] if logprobs else None
-    return Decoded(out_tokens, out_logprobs, [row.text for row in rows] if want_text else None)
+    def _add(self, step: Step) -> Iterator[StreamEvent]:
+        for b, token in enumerate(step.tokens):
+            if self.ended[b]:
+                continue
+            if step.logprobs is not None:
+                self.logprobs[b] += step.logprobs[b]
+            if not step.new[b]:
+                continue
+            self.tokens[b].append(token)
+            self.ended[b] = step.ends[b]
+            if self.texts is None:
+                continue
+            row = self.texts[b]
+            text, stopped = ("", False) if token == self.tokenizer.eos_id else row.push(token)
+            self.ended[b] |= stopped
+            if self.ended[b]:
+                yield StreamEvent(b, text + ("" if stopped else row.finish()), True)
+            elif text:
+                yield StreamEvent(b, text, False)
 
-
-def _text_events(rows, step_tokens, generated, was_done, done, eos_id, ends, cur_pos):
-    """Each generated row's new text at this step; a stop string marks the row done and cuts it."""
-    for b, row in enumerate(rows):
-        if not generated[b] or was_done[b]:
-            continue
-        text, stopped = ("", False) if step_tokens[b] == eos_id else row.add(row.decoder.push(step_tokens[b]))
-        if stopped:
-            done[b] = True
-            ends[b] = cur_pos + 1
-        if done[b]:
-            yield StreamEvent(b, text + ("" if stopped else row.finish()), True)
-        elif text:
-            yield StreamEvent(b, text, False)
+    def completions(self, echo: bool, logprobs: bool) -> Completions:
+        """Meta's cut of each row: the generated ids (the prompt's too with echo) up to the first EOS."""
+        eos_id = self.tokenizer.eos_id
+        out_tokens, out_logprobs, texts = [], [], []
+        for b, prompt in enumerate(self.prompt_tokens):
+            start = 0 if echo else len(prompt)
+            toks, probs = self.tokens[b][start:], self.logprobs[b][start:]
+            if eos_id in toks:
+                toks = toks[: toks.index(eos_id)]
+                probs = probs[: len(toks)]
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+            if self.texts is None:
+                texts.append(self.tokenizer.decode(toks))
+            else:  # decoded as it came, cut before any stop string
+                texts.append((self.tokenizer.decode(prompt) if echo else "") + self.texts[b].text)
+        return Completions(out_tokens, texts, out_logprobs if logprobs else None)

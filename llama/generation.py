@@ -1,92 +1,26 @@
-"""The facade: `LLaMa.build` composes checkpoint, tokenizer, model and KV cache; `generate` is
-Meta's llama/generation.py schedule (right-padded batch, decoding from the shortest prompt,
-forced prompt tokens, per-row EOS). Token tensors are [B, total_len]; pad is the tokenizer's.
+"""The facade: `LLaMa.build` composes loading (llama.loading), the CPU kernels and the KV cache;
+`generate`, `text_completion`, `chat_completion` and `stream` are Meta's llama/generation.py API
+over llama.decoding's loop (right-padded batch, decoding from the shortest prompt, forced prompt
+tokens, per-row EOS).
 """
 
-import json
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from llama import cpu
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
-from llama.checkpoint import MetaCheckpoint, find_tokenizer, read_params
-from llama.decoding import Decoded, StreamEvent, decode
-from llama.model import ModelArgs, Transformer
-from llama.quantize import SCHEMES, load_quantized, make_quantized, read_scheme
-from llama.runtime import check_fits, resolve_device, resolve_dtype
+from llama.decoding import Completions, Outputs, StreamEvent, decode_steps
+from llama.loading import BUILTIN_MODEL, load
+from llama.model import Transformer
+from llama.quantize import SCHEMES
+from llama.runtime import resolve_device, resolve_dtype
 from llama.sampling import Sampler
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "params"
-BUILTIN_MODEL = Path(__file__).resolve().parent / "models" / "shakespeare"
-
-
-class Completions(tuple):
-    """`tokens, texts = llm.text_completion(...)`; `.logprobs` holds the per-token logprobs."""
-
-    def __new__(cls, tokens: list[list[int]], texts: list[str], logprobs: list[list[float]] | None = None):
-        self = super().__new__(cls, (tokens, texts))
-        self.logprobs = logprobs
-        return self
-
-    tokens = property(lambda self: self[0])
-    texts = property(lambda self: self[1])
-
-
-def preset_args(name: str) -> ModelArgs:
-    path = PRESETS_DIR / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
-        raise FileNotFoundError(f"{name!r} is neither a checkpoint folder nor a preset; presets: {', '.join(known)}")
-    return ModelArgs.from_params(json.loads(path.read_text()))
-
-
-def _open_weights(path: Path, load_model: bool, dtype: torch.dtype, quantize: str | None):
-    """(params, (kind, source), tokenizer bytes or None), kind being "meta" (a MetaCheckpoint),
-    "quantized" (a save_quantized folder's scheme), "gguf" (the file's state dict) or "random"."""
-    if not load_model:
-        return (read_params(path) if path.is_dir() else preset_args(str(path))), ("random", None), None
-    if path.suffix == ".gguf" and path.is_file():
-        from llama.convert.gguf import read_gguf
-
-        state_dict, args, proto = read_gguf(path, dtype)
-        return args, ("gguf", state_dict), proto
-    scheme = read_scheme(path) if path.is_dir() else None
-    if scheme is not None:
-        if quantize is not None:
-            raise ValueError(f"{path} is already quantized ({scheme['scheme']}): leave out quantize=")
-        return read_params(path), ("quantized", scheme), None
-    checkpoint = MetaCheckpoint(path)
-    return checkpoint.args, ("meta", checkpoint), None
-
-
-def _load_tokenizer(path: Path, tokenizer_path, proto: bytes | None, args: ModelArgs, required: bool) -> Tokenizer | None:
-    """The tokenizer (given, in a GGUF file, or beside the folder), with vocab_size -1 resolved from it."""
-    if tokenizer_path is None and proto is None and path.is_dir():
-        tokenizer_path = find_tokenizer(path)
-        if tokenizer_path is None and required:
-            raise FileNotFoundError(
-                f"no tokenizer.model in {path} or {path.parent}: pass tokenizer_path= the tokenizer.model file"
-            )
-    if tokenizer_path is None and proto is None:
-        if args.vocab_size == -1:
-            raise ValueError(f"{path} has vocab_size -1, which is taken from the tokenizer: pass tokenizer_path=")
-        return None
-    tokenizer = Tokenizer(tokenizer_path or path, model_proto=None if tokenizer_path else proto)
-    if args.vocab_size == -1:
-        args.vocab_size = tokenizer.n_words
-    elif args.vocab_size != tokenizer.n_words:
-        raise ValueError(
-            f"params.json says vocab_size={args.vocab_size} but {tokenizer_path or path} has {tokenizer.n_words} "
-            "words: pass the tokenizer.model that belongs to this model"
-        )
-    return tokenizer
 
 
 class LLaMa:
@@ -114,10 +48,10 @@ class LLaMa:
         omitted) onto one device, with its tokenizer. load_model=False builds the architecture with
         random weights, from a folder's params.json or a preset name in params/ ("llama-2-7b").
         quantize="int8" | "int4" quantizes the linear layers after loading (see llama.quantize);
-        a folder written by llama.quantize.save_quantized loads already quantized. On the CPU in
-        bf16, decode steps run in kernels compiled here once per machine where the CPU has AVX-512
-        BF16 (see llama.cpu); pack=True keeps the weights in oneDNN's layout instead, faster for
-        batches of 8 or more and prompts, slower at batch 1.
+        a folder written by llama.quantize.save_quantized loads already quantized, and so does a
+        GGUF file's path. On the CPU in bf16, decode steps run in kernels compiled here once per
+        machine where the CPU has AVX-512 BF16 (see llama.cpu); pack=True keeps the weights in
+        oneDNN's layout instead, faster for batches of 8 or more and prompts, slower at batch 1.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")
@@ -127,47 +61,14 @@ class LLaMa:
         dtype = resolve_dtype(dtype, device)
         if pack and not (device.type == "cpu" and dtype == torch.bfloat16 and cpu.onednn_bf16()):
             raise ValueError(f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels, not {dtype} on {device}")
-        path = Path(BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir)
-        args, (kind, source), proto = _open_weights(path, load_model, dtype, quantize)
-        tokenizer = _load_tokenizer(path, tokenizer_path, proto, args, required=load_model)
-        if kind == "meta" and source.vocab_size != args.vocab_size:
-            raise ValueError(
-                f"the embedding in {path} has {source.vocab_size} rows but the tokenizer {tokenizer.path} has "
-                f"{args.vocab_size} "
-                "words: pass the tokenizer.model that belongs to this model"
-            )
-
-        with torch.device("meta"):
-            model = Transformer(args)
-            if kind == "quantized":
-                make_quantized(model.to(dtype), source["scheme"], source["group_size"] or 32, quantize=False)
-            # Quantizing a mapped shard keeps one float matrix resident at a time; otherwise the
-            # float model is whole in memory first.
-            final = model
-            if quantize is not None and kind == "meta" and source.maps_in_place(dtype, device):
-                final = make_quantized(Transformer(args).to(dtype), quantize, quantize=False)
-        # what the weights will hold (parameters and buffers: quantized layers' state_dict() converts)
-        weight_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.itemsize)
-                           for t in (*final.parameters(), *final.buffers()))  # fmt: skip
-        cache_bytes = 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * dtype.itemsize
-        check_fits(weight_bytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
-
-        model = model.to(dtype=dtype).to_empty(device=device)
-        if kind == "meta":
-            source.load_into(model)
-        elif kind == "quantized":
-            load_quantized(model, path, source)
-        elif kind == "gguf":  # the file's weights, already in dtype
-            model.load_state_dict(source, strict=True)
-        else:
-            model.init_weights(torch.Generator(device=device).manual_seed(seed))
-        if quantize is not None:
-            make_quantized(model, quantize)
+        source = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
+        model, tokenizer = load(source, tokenizer_path, load_model=load_model, device=device, dtype=dtype,
+                                quantize=quantize, seed=seed, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         if device.type == "cpu" and dtype == torch.bfloat16:  # pack=True anywhere else was refused above
             cpu.use_kernels(model, pack)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
-        logger.info("built %s on %s in %s: %.1f MB of weights", path, device, dtype, weight_bytes / 1e6)
+        logger.info("built %s on %s in %s: %.1f MB of weights", source, device, dtype, cpu.weight_bytes(model) / 1e6)
         return LLaMa(model, tokenizer, seed)
 
     def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
@@ -189,42 +90,23 @@ class LLaMa:
         if max_gen_len < 1:
             raise ValueError(f"max_gen_len={max_gen_len}: ask for at least 1 new token")
 
-    def _decode(self, prompt_tokens, max_gen_len, sampling: dict, logprobs=False, want_text=False, stop=None):
-        """Validate everything up front, then return the decoding generator (see decoding.decode)."""
+    def _steps(self, prompt_tokens: list[list[int]], max_gen_len: int, sampler: Sampler, logprobs: bool = False):
+        """Meta's loop over these prompts (checked now, not at the first step)."""
         self._check_prompts(prompt_tokens, max_gen_len)
-        sampler = Sampler(**sampling)
+        pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
+        return decode_steps(self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, eos_id, logprobs)
+
+    def _outputs(self, prompt_tokens: list[list[int]], stop: list[str] | None, want_text: bool) -> Outputs:
         if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"stop={stop!r}: pass a list of non-empty strings")
-        return decode(self.model, self.tokenizer, prompt_tokens, max_gen_len, sampler, self.generator,
-                      logprobs, want_text, list(stop or []))  # fmt: skip
+        return Outputs(self.tokenizer, prompt_tokens, list(stop or []), want_text)
 
-    @torch.inference_mode()
-    def _complete(self, prompt_tokens, max_gen_len, sampling, logprobs, echo, stop) -> Completions:
+    def _complete(self, prompt_tokens, max_gen_len, sampler, logprobs, echo, stop) -> Completions:
         """Run to the end; cut each row as Meta does (prompt unless echo, first EOS)."""
-        steps = self._decode(prompt_tokens, max_gen_len, sampling, logprobs, stop=stop)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as finished:
-                result: Decoded = finished.value
-                break
-        eos_id = self.tokenizer.eos_id
-        out_tokens, out_logprobs, texts = [], [], []
-        for i, toks in enumerate(result.tokens):
-            start = 0 if echo else len(prompt_tokens[i])
-            toks, probs = toks[start:], result.logprobs[i][start:] if logprobs else None
-            if eos_id in toks:
-                toks = toks[: toks.index(eos_id)]
-                probs = probs[: len(toks)] if logprobs else None
-            out_tokens.append(toks)
-            out_logprobs.append(probs)
-            if result.texts is None:
-                texts.append(self.tokenizer.decode(toks))
-            elif echo:
-                texts.append(self.tokenizer.decode(prompt_tokens[i]) + result.texts[i])
-            else:
-                texts.append(result.texts[i])
-        return Completions(out_tokens, texts, out_logprobs if logprobs else None)
+        steps = self._steps(prompt_tokens, max_gen_len, sampler, logprobs)
+        outputs = self._outputs(prompt_tokens, stop, want_text=False)
+        outputs.consume(steps)
+        return outputs.completions(echo, logprobs)
 
     def generate(
         self,
@@ -244,8 +126,8 @@ class LLaMa:
         Logprob i scores token i given the tokens before it (0.0 for a row's first token).
         top_k, repetition_penalty and stop strings are off by default, leaving Meta's draws.
         """
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
-        done = self._complete(prompt_tokens, max_gen_len, sampling, logprobs, echo, stop)
+        sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
+        done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, echo, stop)
         return done.tokens, done.logprobs
 
     def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
@@ -272,8 +154,8 @@ class LLaMa:
         """
         prompt_tokens = self._encode_prompts(prompts)
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
-        return self._complete(prompt_tokens, max_gen_len, sampling, logprobs, echo, stop)
+        sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
+        return self._complete(prompt_tokens, max_gen_len, sampler, logprobs, echo, stop)
 
     def stream(
         self,
@@ -291,15 +173,9 @@ class LLaMa:
         is_ids = bool(prompts) and not isinstance(prompts, str) and all(isinstance(p, list) for p in prompts)
         prompt_tokens = prompts if is_ids else self._encode_prompts(prompts)
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
-        steps = self._decode(prompt_tokens, max_gen_len, sampling, want_text=True, stop=stop)
-
-        def events() -> Iterator[StreamEvent]:
-            with torch.inference_mode():
-                for step in steps:
-                    yield from step
-
-        return events()
+        sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
+        steps = self._steps(prompt_tokens, max_gen_len, sampler)
+        return self._outputs(prompt_tokens, stop, want_text=True).events(steps)
 
     def chat_completion(
         self,
@@ -322,11 +198,11 @@ class LLaMa:
             check_dialog(dialog, i)
         safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog)]
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+        sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         replies = [(UNSAFE_ERROR, [], [])] * len(dialogs)
         if safe:
             prompt_tokens = [encode_dialog(self.tokenizer, dialogs[i]) for i in safe]
-            done = self._complete(prompt_tokens, max_gen_len, sampling, logprobs, False, stop)
+            done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, False, stop)
             for j, i in enumerate(safe):
                 replies[i] = (done.texts[j], done.tokens[j], done.logprobs[j] if logprobs else [])
         out = []

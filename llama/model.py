@@ -5,7 +5,6 @@ D head dim. The KV cache is owned by each Attention and allocated by `setup_cach
 the constructor, so building the architecture costs no memory for a run that has not started.
 """
 
-import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -64,6 +63,11 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+# Llama 3.1's RoPE scaling constants (Meta's, "obtained from grid search"), under the names Hugging
+# Face configs give them: apply_scaling reads them, llama.convert.hf writes them.
+LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -79,15 +83,23 @@ class RMSNorm(nn.Module):
 
 
 def apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
-    """Llama 3.1's rope scaling: slow the low frequencies 8x, keep the high ones, blend between."""
-    scale_factor, low_freq_factor, high_freq_factor, old_context_len = 8, 1, 4, 8192
+    """Llama 3.1's RoPE scaling, as Meta's llama3/model.py writes it: slow the low frequencies,
+    keep the high ones, blend in between."""
+    scale_factor = LLAMA3_ROPE_SCALING["factor"]
+    low_freq_factor = LLAMA3_ROPE_SCALING["low_freq_factor"]
+    high_freq_factor = LLAMA3_ROPE_SCALING["high_freq_factor"]
+    old_context_len = LLAMA3_ROPE_SCALING["original_max_position_embeddings"]  # original llama3 length
+
     low_freq_wavelen = old_context_len / low_freq_factor
     high_freq_wavelen = old_context_len / high_freq_factor
-    wavelen = 2 * math.pi / freqs
+
+    wavelen = 2 * torch.pi / freqs
+    new_freqs = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, freqs)
     smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
     return torch.where(
-        wavelen < high_freq_wavelen, freqs, torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+        (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen),
+        (1 - smooth) * new_freqs / scale_factor + smooth * new_freqs,
+        new_freqs,
     )
 
 
@@ -148,32 +160,17 @@ class Attention(nn.Module):
         output = self.attend(xq, keys, values, mask)
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
 
-    # rotate and attend are where llama.cpu puts its fused bf16 kernels (as a subclass).
+    # rotate and attend are where llama.cpu puts its bf16 kernels (as a subclass).
     def rotate(self, xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary_emb(xq, xk, freqs_cis)
 
     def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
         """softmax(q k^T / sqrt(D) + mask) v: [B, H, T, D] over keys and values [B, Hkv, S, D]."""
-        if xq.shape[2] == 1 and self.n_kv_heads < self.n_heads:
-            # A GQA decode step: SDPA's CPU kernel takes 3-15x longer than one grouped product.
-            return self._one_query(xq, keys, values)
         # each group of n_heads / n_kv_heads query heads shares one kv head (GQA)
         return F.scaled_dot_product_attention(
             xq, keys, values, attn_mask=mask, is_causal=mask is None and xq.shape[2] > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # fmt: skip
-
-    def _one_query(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Attention of one new token: Meta's softmax(q k^T / sqrt(D)) v, in float32 as SDPA
-        accumulates (a bf16 matmul here would build a oneDNN kernel, and keep it, for every cache
-        length), with each kv head's n_heads / n_kv_heads query heads as the rows of one product
-        instead of repeating the keys. With one query head per kv head there are no rows to share
-        and the float32 copy of a long cache costs more than SDPA. [B, H, 1, D] -> [B, H, 1, D]."""
-        bsz = xq.shape[0]
-        q = xq.float().reshape(bsz, self.n_kv_heads, -1, self.head_dim)  # [B, Hkv, H / Hkv, D]
-        scores = torch.matmul(q, keys.float().transpose(2, 3)) / math.sqrt(self.head_dim)
-        output = torch.matmul(F.softmax(scores, dim=-1), values.float())
-        return output.type_as(xq).view(bsz, self.n_heads, 1, self.head_dim)
+        )
 
 
 class FeedForward(nn.Module):

@@ -1,7 +1,8 @@
 """Weight-only int8 and int4 quantization of a loaded Transformer's linear layers, applied from
-outside the model (the model file knows nothing of it), and a quantized folder to save it once.
-The layers themselves are llama.quantized_linear's: int8 per output channel; int4 in groups of
-64 inputs by default (4.5 bits per weight, as llama.cpp's q4_0).
+outside the model (the model file knows nothing of it), and the quantized folder that saves it
+once (written by `python -m llama.convert.quantized`, read by llama.loading). The layers are
+llama.quantized_linear's: int8 per output channel; int4 in groups of 64 inputs by default (4.5 bits
+per weight, as llama.cpp's q4_0).
 """
 
 import json
@@ -12,37 +13,48 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama.checkpoint import file_mappings, release_mapped
-from llama.cpu import PackedLinear
+from llama.checkpoint import write_checklist
+from llama.cpu import PackedLinear, weight_bytes
 from llama.model import Transformer
-from llama.quantized_linear import Int4Linear, Int8Linear, kernel_layout
+from llama.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear, wants_kernel_layout
+from llama.runtime import file_mappings, release_mapped
 
 SCHEMES = ("int8", "int4")
 QUANT_FILE = "quantization.json"  # beside params.json: {"scheme": ..., "group_size": ...}
 
 
-def _linears(model: Transformer):
-    for name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            if isinstance(child, (nn.Linear, PackedLinear)):  # a packed one gives its dense weight back
-                yield module, child_name, f"{name}.{child_name}".lstrip(".")
+def _linears(model: Transformer) -> list[tuple[nn.Module, str]]:
+    """(parent, name) of every linear layer (a packed one gives its dense weight back)."""
+    return [
+        (module, name)
+        for module in model.modules()
+        for name, child in module.named_children()
+        if isinstance(child, (nn.Linear, PackedLinear))
+    ]
+
+
+def _quantized_like(linear: nn.Module, scheme: str, group_size: int, device: torch.device) -> QuantizedLinear:
+    """An empty quantized layer of linear's shape for its dtype, on device."""
+    dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.bfloat16
+    with torch.device(device):
+        if scheme == "int8":
+            return Int8Linear(linear.in_features, linear.out_features, dtype, wants_kernel_layout(dtype))
+        return Int4Linear(linear.in_features, linear.out_features, group_size, dtype, wants_kernel_layout(dtype))
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize={scheme!r}: use one of {', '.join(SCHEMES)}")
 
 
 def make_quantized(model: Transformer, scheme: str, group_size: int = 64, quantize: bool = True) -> Transformer:
     """Replace every nn.Linear with its quantized counterpart, in place, one layer at a time (the
     float weight is freed as it goes). quantize=False only builds the structure, for loading."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantize={scheme!r}: use one of {', '.join(SCHEMES)}")
+    _check_scheme(scheme)
     spans = file_mappings()
-    for parent, child_name, _ in list(_linears(model)):
+    for parent, child_name in _linears(model):
         linear = getattr(parent, child_name)
-        dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.bfloat16
-        blocks = kernel_layout(dtype)
-        with torch.device(linear.weight.device):
-            if scheme == "int8":
-                q = Int8Linear(linear.in_features, linear.out_features, dtype, blocks)
-            else:
-                q = Int4Linear(linear.in_features, linear.out_features, group_size, dtype, blocks)
+        q = _quantized_like(linear, scheme, group_size, linear.weight.device)
         if quantize:
             q.quantize_(linear.weight)
             release_mapped([linear.weight], spans)  # its pages, when it lies in an mmap'd shard
@@ -51,12 +63,21 @@ def make_quantized(model: Transformer, scheme: str, group_size: int = 64, quanti
     return model
 
 
+def quantized_bytes(model: Transformer, scheme: str, group_size: int = 64) -> int:
+    """Bytes the model's weights will take after make_quantized, counted on a model that may still
+    be on the meta device (each layer's quantized form is built there, holding nothing)."""
+    _check_scheme(scheme)
+    total = weight_bytes(model)
+    for parent, child_name in _linears(model):
+        linear = getattr(parent, child_name)
+        total += weight_bytes(_quantized_like(linear, scheme, group_size, torch.device("meta"))) - weight_bytes(linear)
+    return total
+
+
 def save_quantized(model: Transformer, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> Path:
     """A folder that loads without quantizing again: params.json, quantization.json and one
     consolidated.00.pth of quantized tensors (not Meta's layout, so never split into shards),
     the tokenizer, and checklist.chk over all of them."""
-    from llama.checkpoint import write_checklist
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(model.params.to_params(), indent=2) + "\n")
@@ -69,6 +90,7 @@ def save_quantized(model: Transformer, out_dir: str | os.PathLike, tokenizer_pat
 
 
 def read_scheme(ckpt_dir: Path) -> dict | None:
+    """A folder's quantization.json ({"scheme": ..., "group_size": ...}), None where it has none."""
     path = ckpt_dir / QUANT_FILE
     if not path.is_file():
         return None
@@ -76,28 +98,3 @@ def read_scheme(ckpt_dir: Path) -> dict | None:
     if scheme.get("scheme") not in SCHEMES:
         raise ValueError(f"{path}: unknown scheme {scheme.get('scheme')!r}; this version reads {', '.join(SCHEMES)}")
     return scheme
-
-
-def load_quantized(model: Transformer, ckpt_dir: Path, scheme: dict) -> None:
-    """Fill an allocated model (make_quantized(quantize=False) then to_empty) from save_quantized."""
-    path = ckpt_dir / "consolidated.00.pth"
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    try:
-        model.load_state_dict(state, strict=True)  # Int4Linear reads the portable layout into its own
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not match {scheme}: {e}") from None
-
-
-def main(src: str, out: str, scheme: str = "int8", dtype: str = "bfloat16") -> None:
-    """Quantize a Meta folder once and save it: python -m llama.quantize SRC OUT --scheme int4"""
-    from llama.checkpoint import find_tokenizer
-    from llama.generation import LLaMa
-
-    llm = LLaMa.build(src, max_seq_len=1, max_batch_size=1, device="cpu", dtype=dtype, quantize=scheme)
-    print(f"wrote {save_quantized(llm.model, out, find_tokenizer(Path(src)))}")
-
-
-if __name__ == "__main__":
-    from llama.convert import run_cli
-
-    run_cli(main)

@@ -1,7 +1,7 @@
 """Quantized linear layers: Int8Linear (per output channel, symmetric, w = q * scale) and
 Int4Linear (groups of `group_size` inputs with an offset, w = (q - 8) * scale + zero, q in 0..15).
-Each holds its weights once: in bf16 on a CPU with AVX-512 VNNI, in the layout llama.cpu's
-compiled kernels read (every matmul runs there); elsewhere as the portable tensors torch's packed
+Each holds its weights once: in bf16 on a CPU with AVX-512 VNNI, in the layout llama.kernels'
+compiled ops read (every matmul runs there); elsewhere as the portable tensors torch's packed
 CPU kernels read, and where no kernel exists the weight is dequantized on the fly (the log says so).
 """
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.cpu import compiled_kernels, kernel_can_run
+from llama.kernels import compiled_kernels, kernel_can_run
 
 logger = logging.getLogger(__name__)
 
@@ -33,32 +33,32 @@ def _row_blocks(w: torch.Tensor, elements: int = 1 << 20, multiple: int = 1):
 
 
 BLOCK_ROWS = 32  # output rows per block of the kernels' layouts (llama/csrc/cpu_bf16.cpp: 16 x kBlocks)
-INT8_GROUP = 64  # inputs per activation scale in llama.cpu's int8 kernel (kInt8Group)
+INT8_GROUP = 64  # inputs per activation scale in llama.kernels' int8 kernel (kInt8Group)
 GROUP_SIZES = (32, 64, 128, 256)  # int4 groups both kernels take
 
 
-def kernel_layout(dtype: torch.dtype) -> bool:
-    """Whether quantized linears of a `dtype` model hold their weights in llama.cpu's layout:
+def wants_kernel_layout(dtype: torch.dtype) -> bool:
+    """Whether quantized linears of a `dtype` model hold their weights in the kernels' layout:
     bf16 on a CPU where its kernels build (AVX-512 VNNI and a C++ compiler)."""
     return dtype == torch.bfloat16 and compiled_kernels() is not None
 
 
 class QuantizedLinear(nn.Module):
     """What Int8Linear and Int4Linear share. Weights are held once, in one of two layouts: where
-    llama.cpu's kernels run (kernel_layout), `blocks`, their own order, one stream per 32 output
+    the kernels run (wants_kernel_layout), `blocks`, their own order, one stream per 32 output
     rows; elsewhere the portable tensors (PORTABLE, torch's kernels read them). state_dict() is
     the portable form either way (a quantized folder holds it) and load_state_dict() takes it; in
     the kernel layout, the portable names (module.weight, ...) give copies."""
 
     PORTABLE: tuple[str, ...] = ()
 
-    def __init__(self, in_features: int, out_features: int, blocks: bool | None, scale_dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, kernel_layout: bool | None, scale_dtype: torch.dtype):
         super().__init__()
-        blocks = kernel_layout(scale_dtype) if blocks is None else blocks
+        self.kernel_layout = wants_kernel_layout(scale_dtype) if kernel_layout is None else kernel_layout
         self.in_features, self.out_features = in_features, out_features
-        self.scale_dtype = torch.bfloat16 if blocks else scale_dtype
+        self.scale_dtype = torch.bfloat16 if self.kernel_layout else scale_dtype
         self._torch_copy: tuple[torch.Tensor, ...] | None = None  # torch's own layout, made on first use
-        if blocks:
+        if self.kernel_layout:
             self.register_buffer("blocks", torch.zeros(-(-out_features // BLOCK_ROWS), *self._block_shape(), dtype=torch.uint8))
         else:
             for name, (shape, dtype) in self._portable_spec().items():
@@ -71,7 +71,7 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def _pack(self, **portable: torch.Tensor) -> torch.Tensor:
-        """Portable tensors of 32 b output rows -> b blocks."""
+        """Portable tensors of 32 n output rows -> n blocks."""
         raise NotImplementedError
 
     def _unpack(self) -> dict[str, torch.Tensor]:
@@ -79,16 +79,16 @@ class QuantizedLinear(nn.Module):
 
     def portable(self) -> dict[str, torch.Tensor]:
         """The portable tensors: the buffers themselves, or copies made from the blocks."""
-        return self._unpack() if "blocks" in self._buffers else {name: self._buffers[name] for name in self.PORTABLE}
+        return self._unpack() if self.kernel_layout else {name: self._buffers[name] for name in self.PORTABLE}
 
     def __getattr__(self, name: str):
-        if name in type(self).PORTABLE and "blocks" in self._buffers:
+        if name in type(self).PORTABLE and self.kernel_layout:
             return self._unpack()[name]
         return super().__getattr__(name)
 
     def _store(self, first_row: int, **portable: torch.Tensor) -> None:
         """Write quantized rows from first_row on (a multiple of 32, or the whole matrix)."""
-        if "blocks" not in self._buffers:
+        if not self.kernel_layout:
             rows = slice(first_row, first_row + portable["weight"].shape[0])
             for name, value in portable.items():
                 self._buffers[name][self._rows(name, rows)] = value.to(self._buffers[name].dtype)
@@ -122,7 +122,7 @@ class QuantizedLinear(nn.Module):
             self._store(0, **{name: state_dict[prefix + name] for name in spec})
 
     def _kernel_or_none(self, x: torch.Tensor):
-        if "blocks" in self._buffers and kernel_can_run(x):
+        if self.kernel_layout and kernel_can_run(x):
             return compiled_kernels()
         return None
 
@@ -131,7 +131,7 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.dequantized(x.dtype))
 
     def extra_repr(self) -> str:
-        layout = "llama.cpu's blocks" if "blocks" in self._buffers else "portable"
+        layout = "llama.kernels' blocks" if self.kernel_layout else "portable"
         return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
 
 
@@ -143,9 +143,9 @@ class Int8Linear(QuantizedLinear):
 
     PORTABLE = ("weight", "scales")
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, blocks: bool | None = None):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, kernel_layout: bool | None = None):
         self.padded_in = -(-in_features // INT8_GROUP) * INT8_GROUP
-        super().__init__(in_features, out_features, blocks, dtype)
+        super().__init__(in_features, out_features, kernel_layout, dtype)
 
     def _block_shape(self):
         return (BLOCK_ROWS * 2 + BLOCK_ROWS * self.padded_in,)
@@ -155,17 +155,17 @@ class Int8Linear(QuantizedLinear):
                 "scales": ((self.out_features,), self.scale_dtype)}  # fmt: skip
 
     def _pack(self, weight, scales):
-        blocks = weight.shape[0] // BLOCK_ROWS
+        n_blocks = weight.shape[0] // BLOCK_ROWS
         u = F.pad(weight.view(torch.uint8) ^ 128, (0, self.padded_in - self.in_features))  # q + 128
         # 4 inputs of a row are one int32: the layout is a permutation of those
-        u = u.view(torch.int32).reshape(blocks, BLOCK_ROWS // 16, 16, -1).permute(0, 3, 1, 2).contiguous()
-        return torch.cat([scales.bfloat16().reshape(blocks, BLOCK_ROWS).view(torch.uint8), u.view(torch.uint8).flatten(1)], dim=1)
+        u = u.view(torch.int32).reshape(n_blocks, BLOCK_ROWS // 16, 16, -1).permute(0, 3, 1, 2).contiguous()
+        return torch.cat([scales.bfloat16().reshape(n_blocks, BLOCK_ROWS).view(torch.uint8), u.view(torch.uint8).flatten(1)], dim=1)
 
     def _unpack(self):
-        blocks = self.blocks.shape[0]
+        n_blocks = self.blocks.shape[0]
         scales = self.blocks[:, : BLOCK_ROWS * 2].contiguous().view(torch.bfloat16).flatten()
-        u = self.blocks[:, BLOCK_ROWS * 2 :].contiguous().view(torch.int32).reshape(blocks, -1, BLOCK_ROWS // 16, 16)
-        weight = u.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(blocks * BLOCK_ROWS, -1) ^ 128
+        u = self.blocks[:, BLOCK_ROWS * 2 :].contiguous().view(torch.int32).reshape(n_blocks, -1, BLOCK_ROWS // 16, 16)
+        weight = u.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(n_blocks * BLOCK_ROWS, -1) ^ 128
         return {"weight": weight.view(torch.int8)[: self.out_features, : self.in_features], "scales": scales[: self.out_features]}
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -183,12 +183,12 @@ class Int8Linear(QuantizedLinear):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (kernels := self._kernel_or_none(x)) is not None:  # llama.cpu's VNNI kernel
+        if (kernels := self._kernel_or_none(x)) is not None:  # llama.kernels' VNNI kernel
             return kernels.mm_int8(x.contiguous(), self.blocks, self.out_features)
         flat = x.reshape(-1, self.in_features).contiguous()  # generation projects a strided [B, dim] view
         if x.device.type == "cpu" and self.in_features % 16 == 0:  # torch's kernel gives NaN for other widths
             weight, scales = self._torch_copy or self.portable().values()
-            if "blocks" in self._buffers:  # float32 input, or autograd, on the kernel layout: a second copy, kept
+            if self.kernel_layout:  # float32 input, or autograd, on the kernel layout: a second copy, kept
                 self._torch_copy = weight, scales
             out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales.to(x.dtype))
         else:
@@ -206,7 +206,7 @@ class Int4Linear(QuantizedLinear):
     PORTABLE = ("weight", "scales_and_zeros")
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 64, dtype: torch.dtype = torch.bfloat16,
-                 blocks: bool | None = None):  # fmt: skip
+                 kernel_layout: bool | None = None):  # fmt: skip
         if in_features % group_size:
             fits = [g for g in GROUP_SIZES if in_features % g == 0]
             fix = f"make_quantized(model, 'int4', group_size={fits[-1]})" if fits else "int8"
@@ -214,7 +214,7 @@ class Int4Linear(QuantizedLinear):
         if group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group_size={group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")
         self.group_size = group_size
-        super().__init__(in_features, out_features, blocks, dtype)
+        super().__init__(in_features, out_features, kernel_layout, dtype)
 
     def _block_shape(self):
         return self.in_features // self.group_size, BLOCK_ROWS * (4 + self.group_size // 2)
@@ -228,22 +228,22 @@ class Int4Linear(QuantizedLinear):
         return (slice(None), rows) if name == "scales_and_zeros" else rows
 
     def _pack(self, weight, scales_and_zeros):
-        blocks, groups = weight.shape[0] // BLOCK_ROWS, self.in_features // self.group_size
+        n_blocks, groups = weight.shape[0] // BLOCK_ROWS, self.in_features // self.group_size
         q = torch.stack([weight >> 4, weight & 15], dim=-1).reshape(weight.shape[0], -1, 2, 4)  # [rows, in / 8, 2, 4]
         # a row's 8 inputs are one int32 (nibbles k + t low, k + 4 + t high): the layout permutes those
-        lanes = (q[:, :, 0] | q[:, :, 1] << 4).view(torch.int32).reshape(blocks, BLOCK_ROWS // 16, 16, groups, -1)
-        nibbles = lanes.permute(0, 3, 4, 1, 2).contiguous().view(torch.uint8).reshape(blocks, groups, -1)
-        pairs = scales_and_zeros.bfloat16().reshape(groups, blocks, -1).transpose(0, 1).contiguous().view(torch.uint8)
+        lanes = (q[:, :, 0] | q[:, :, 1] << 4).view(torch.int32).reshape(n_blocks, BLOCK_ROWS // 16, 16, groups, -1)
+        nibbles = lanes.permute(0, 3, 4, 1, 2).contiguous().view(torch.uint8).reshape(n_blocks, groups, -1)
+        pairs = scales_and_zeros.bfloat16().reshape(groups, n_blocks, -1).transpose(0, 1).contiguous().view(torch.uint8)
         return torch.cat([pairs, nibbles], dim=-1)
 
     def _unpack(self):
-        blocks, groups = self.blocks.shape[:2]
+        n_blocks, groups = self.blocks.shape[:2]
         pairs = self.blocks[..., : BLOCK_ROWS * 4].contiguous().view(torch.bfloat16)  # [blocks, groups, 32 * 2]
         pairs = pairs.transpose(0, 1).reshape(groups, -1, 2)[:, : self.out_features]
         lanes = self.blocks[..., BLOCK_ROWS * 4 :].contiguous().view(torch.int32)
-        lanes = lanes.reshape(blocks, groups, -1, BLOCK_ROWS // 16, 16).permute(0, 3, 4, 1, 2).contiguous()
-        nibbles = lanes.view(torch.uint8).reshape(blocks * BLOCK_ROWS, -1, 1, 4)  # [rows, in / 8, 1, 4]
-        q = torch.cat([nibbles & 15, nibbles >> 4], dim=2).reshape(blocks * BLOCK_ROWS, -1)[: self.out_features]
+        lanes = lanes.reshape(n_blocks, groups, -1, BLOCK_ROWS // 16, 16).permute(0, 3, 4, 1, 2).contiguous()
+        nibbles = lanes.view(torch.uint8).reshape(n_blocks * BLOCK_ROWS, -1, 1, 4)  # [rows, in / 8, 1, 4]
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=2).reshape(n_blocks * BLOCK_ROWS, -1)[: self.out_features]
         return {"weight": q[:, ::2] << 4 | q[:, 1::2], "scales_and_zeros": pairs}
 
     def unpacked(self) -> torch.Tensor:
@@ -269,7 +269,7 @@ class Int4Linear(QuantizedLinear):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (kernels := self._kernel_or_none(x)) is not None:  # llama.cpu's VNNI kernel
+        if (kernels := self._kernel_or_none(x)) is not None:  # llama.kernels' VNNI kernel
             return kernels.mm_int4(x.contiguous(), self.blocks, self.out_features, self.group_size)
         flat = x.reshape(-1, self.in_features).contiguous()  # torch's int4 kernels refuse strided rows
         if x.device.type == "cpu" and self.out_features % 16 == 0:

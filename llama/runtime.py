@@ -1,7 +1,10 @@
-"""Where and how a run happens: device and dtype from what the user wrote, and the memory check
-that refuses a model or KV cache that will not fit before anything is allocated.
+"""Where and how a run happens: device and dtype from what the user wrote, the memory check that
+refuses a model or KV cache that will not fit before anything is allocated, and giving back the
+pages of weights read from mmap'd files once they have been copied, packed or quantized.
 """
 
+import ctypes
+import mmap
 import os
 
 import torch
@@ -76,3 +79,38 @@ def check_fits(weight_bytes: int, cache_bytes: int, device: torch.device, cache_
         f"({cache_args}) {cache_bytes / GiB:.2f} GiB, but {free / GiB:.2f} GiB is free. Lower max_seq_len "
         "or max_batch_size (the cache grows with both), or choose a smaller dtype or device with more memory"
     )
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed memory mappings (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):  # a path: mapped from a file
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+def release_mapped(tensors: list[torch.Tensor], spans: list[tuple[int, int]] | None = None) -> None:
+    """Give back the resident pages of weights read from an mmap'd shard once they have been
+    consumed (copied, packed or quantized into new memory), so a transform while loading peaks near
+    the size of its result, not the file plus the result. Only whole pages inside file-backed
+    mappings are dropped: the file still holds their bytes, and anonymous memory is never touched.
+    spans: file_mappings() read once for many calls (reading /proc/self/maps is the costly part), at a
+    time the tensors existed."""
+    spans = file_mappings() if spans is None else spans
+    if not spans:
+        return
+    madvise = ctypes.CDLL(None).madvise
+    page = mmap.PAGESIZE
+    for t in tensors:
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        lo, hi = -(-lo // page) * page, hi // page * page
+        if hi > lo and any(s <= lo and hi <= e for s, e in spans):
+            madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)

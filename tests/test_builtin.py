@@ -12,7 +12,7 @@ import torch
 
 from conftest import meta_split
 from llama import LLaMa, Tokenizer
-from llama.generation import BUILTIN_MODEL
+from llama.loading import BUILTIN_MODEL
 from llama.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ import torch
 
 from conftest import GQA
 from llama import LLaMa, cpu
-from llama.checkpoint import release_mapped
 from llama.cpu import GemvLinear, KernelAttention, KernelRMSNorm, PackedLinear, onednn_bf16, pack_linears
 from llama.cpu import plain_modules, weight_bytes
 from llama.model import RMSNorm, apply_rotary_emb, precompute_freqs_cis
+from llama.runtime import release_mapped
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="this CPU's oneDNN has no bf16 kernels")
 needs_kernels = pytest.mark.skipif(cpu.compiled_kernels() is None, reason="no AVX-512 BF16 or no C++ compiler here")
@@ -146,7 +146,7 @@ def test_kernel_builds_from_source_into_an_empty_cache(tmp_path):
     library loads once per process)."""
     if cpu.compiled_kernels() is None:
         pytest.skip("no AVX-512 BF16 or no C++ compiler here")
-    code = "from llama.cpu import compiled_kernels; import sys; sys.exit(compiled_kernels() is None)"
+    code = "from llama.kernels import compiled_kernels; import sys; sys.exit(compiled_kernels() is None)"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     assert [p.suffix for p in (tmp_path / "llama-reference").iterdir()] == [".so"]

@@ -165,10 +165,10 @@ def test_text_completion_wants_a_list(llm):
 
 
 def test_random_weights_from_a_preset_without_a_checkpoint(sp_model_path, tmp_path, monkeypatch):
-    import llama.generation
+    import llama.loading
 
-    assert llama.generation.preset_args("llama-2-7b").dim == 4096
-    monkeypatch.setattr(llama.generation, "PRESETS_DIR", tmp_path)  # a 7B is too big for a unit test
+    assert llama.loading.preset_args("llama-2-7b").dim == 4096
+    monkeypatch.setattr(llama.loading, "PRESETS_DIR", tmp_path)  # a 7B is too big for a unit test
     (tmp_path / "tiny.json").write_text('{"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": -1}')
     llm = LLaMa.build("tiny", tokenizer_path=sp_model_path, load_model=False, max_seq_len=4)
     assert llm.model.params.dim == 32 and llm.model.vocab_size == 96

@@ -72,7 +72,7 @@ def test_bad_scheme_is_refused_before_loading(make_ckpt):
 
 def test_quantize_command_writes_a_folder_that_checks_out(make_ckpt, tmp_path):
     folder, _ = make_ckpt(GQA, 2)
-    r = subprocess.run([sys.executable, "-m", "llama.quantize", str(folder), str(tmp_path / "q8")],
+    r = subprocess.run([sys.executable, "-m", "llama.convert.quantized", str(folder), str(tmp_path / "q8")],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=tmp_path / "q8", capture_output=True, text=True)

@@ -17,7 +17,7 @@ def random_linear(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_torch_kernel_equals_dequantized_reference(dtype):
     w = random_linear(96, 128)
-    q = Int8Linear(128, 96, dtype, blocks=False).quantize_(w)
+    q = Int8Linear(128, 96, dtype, kernel_layout=False).quantize_(w)
     deq = q.weight.float() * q.scales.float()[:, None]
     # symmetric per-channel rounding: error at most half a step (scale / 2) per weight
     assert ((deq - w).abs() <= q.scales.float()[:, None] / 2 + 1e-6).all()
@@ -41,7 +41,7 @@ def int8_activation_bound(x: torch.Tensor, weight_error: torch.Tensor, group: in
 @pytest.mark.skipif(compiled_kernels() is None, reason="no AVX-512 BF16 / VNNI or no C++ compiler here")
 @pytest.mark.parametrize("out_f,in_f", [(37, 100), (70, 2048), (33, 9000)])  # a tail of inputs and of rows
 def test_int8_kernel_is_the_dequantized_product_up_to_int8_activations(out_f, in_f):
-    q = Int8Linear(in_f, out_f, blocks=True).quantize_(random_linear(out_f, in_f, seed=in_f))
+    q = Int8Linear(in_f, out_f, kernel_layout=True).quantize_(random_linear(out_f, in_f, seed=in_f))
     deq = q.dequantized(torch.float64)
     x = torch.randn(7, in_f, generator=torch.Generator().manual_seed(out_f)).to(torch.bfloat16)
     got = q(x)
@@ -59,8 +59,8 @@ def test_both_layouts_hold_the_same_weights(scheme):
     """The kernels' layout and the portable one: same state_dict, same dequantized weights, and
     each loads the other's state_dict."""
     w = random_linear(40, 128, seed=5)  # 40 rows: a partial last block of 32
-    make = (lambda blocks: Int8Linear(128, 40, blocks=blocks)) if scheme == "int8" else \
-        (lambda blocks: Int4Linear(128, 40, 32, blocks=blocks))  # fmt: skip
+    make = (lambda kernel_layout: Int8Linear(128, 40, kernel_layout=kernel_layout)) if scheme == "int8" else \
+        (lambda kernel_layout: Int4Linear(128, 40, 32, kernel_layout=kernel_layout))  # fmt: skip
     kernel, portable = make(True).quantize_(w), make(False).quantize_(w)
     assert "blocks" in dict(kernel.named_buffers()) and "blocks" not in dict(portable.named_buffers())
     a, b = kernel.state_dict(), portable.state_dict()
@@ -75,7 +75,7 @@ def test_both_layouts_hold_the_same_weights(scheme):
 @pytest.mark.parametrize("group_size", [32, 64, 256])
 def test_int4_rounding_and_torch_kernel_equal_the_dequantized_reference(group_size):
     w = random_linear(64, 512, seed=1)
-    q = Int4Linear(512, 64, group_size, blocks=False).quantize_(w)
+    q = Int4Linear(512, 64, group_size, kernel_layout=False).quantize_(w)
     deq = q.dequantized(torch.float32)
     step = q.scales_and_zeros[..., 0].float().T.repeat_interleave(group_size, 1)
     # asymmetric grouped rounding: within half a step, plus what storing scale and zero in bf16 costs
@@ -92,7 +92,7 @@ def test_int4_state_dict_is_the_portable_layout():
     q = torch.randint(0, 16, (out_f, in_f), generator=gen)
     pairs = (torch.rand(in_f // group, out_f, 2, generator=gen) * 0.1).bfloat16()
     state = {"weight": (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), "scales_and_zeros": pairs}
-    m = Int4Linear(in_f, out_f, group, blocks=compiled_kernels() is not None)
+    m = Int4Linear(in_f, out_f, group, kernel_layout=compiled_kernels() is not None)
     m.load_state_dict(state)
     assert torch.equal(m.unpacked(), q.int()) and torch.equal(m.scales_and_zeros, pairs)
     scale, zero = (t.T.repeat_interleave(group, 1).float() for t in pairs.unbind(-1))
@@ -106,7 +106,7 @@ def test_int4_state_dict_is_the_portable_layout():
 @pytest.mark.skipif(compiled_kernels() is None, reason="no AVX-512 BF16 / VNNI or no C++ compiler here")
 @pytest.mark.parametrize("out_f,in_f,group", [(37, 256, 32), (70, 2048, 64), (64, 5632, 64), (32, 1024, 256)])
 def test_int4_kernel_is_the_dequantized_product_up_to_int8_activations(out_f, in_f, group):
-    q = Int4Linear(in_f, out_f, group, blocks=True).quantize_(random_linear(out_f, in_f, seed=in_f))
+    q = Int4Linear(in_f, out_f, group, kernel_layout=True).quantize_(random_linear(out_f, in_f, seed=in_f))
     deq = q.dequantized(torch.float64)
     scale = q.scales_and_zeros[..., 0].double().T.repeat_interleave(group, 1)  # [out, in]
     x = torch.randn(7, in_f, generator=torch.Generator().manual_seed(out_f)).to(torch.bfloat16)

@@ -1,4 +1,5 @@
-"""Converters between Meta's checkpoint layout and other formats (Hugging Face, GGUF, llama2.c)."""
+"""Converters between Meta's checkpoint layout and other formats (Hugging Face, GGUF, llama2.c, and
+this project's quantized folders), each a module with a command line run by run_cli."""
 
 import logging
 import sys

@@ -15,7 +15,7 @@ import torch
 
 from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint
 from llama.convert import run_cli
-from llama.model import ModelArgs
+from llama.model import LLAMA3_ROPE_SCALING, ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,7 @@ LAYER_NAMES = {  # under layers.N. (Meta) and model.layers.N. (HF)
 }  # fmt: skip
 HF_DROPPED = ("rotary_emb.inv_freq",)  # older HF saves store their rotation table; we compute it
 # Llama 3.1's frequency scaling (llama.model.apply_scaling), as transformers writes it.
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}  # fmt: skip
+LLAMA3_ROPE = {"rope_type": "llama3", **LLAMA3_ROPE_SCALING}
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 

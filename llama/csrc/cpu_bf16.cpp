@@ -1,5 +1,5 @@
 // The bf16 work of a CPU decode step, as torch ops under llama_cpu:: (built and loaded by
-// llama/cpu.py on AVX-512 BF16 CPUs). Each does in one call what the model's PyTorch code does in
+// llama/kernels.py on AVX-512 BF16 CPUs). Each does in one call what the model's PyTorch code does in
 // several operators, in float32 with the bf16 roundings of the code it replaces (tests/test_cpu.py
 // bounds each against float64):
 // - gemv_bf16: x W^T for up to 4 rows and Meta's row-major weight, streaming W once at the memory's

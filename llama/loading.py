@@ -1,0 +1,205 @@
+"""Building a Transformer from what users hold, one function per source: a Meta checkpoint folder,
+a quantized folder (llama.quantize's), a llama.cpp GGUF file, or params (a folder's params.json or
+a preset in params/) with random weights. Each returns (model, tokenizer): the weights on the
+device in the dtype, quantized when asked, after refusing, before anything is allocated, weights
+that would not fit in free memory beside the KV cache the run will allocate. `load` picks one.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from llama.checkpoint import MetaCheckpoint, find_tokenizer, load_shard, read_params
+from llama.convert.gguf import read_gguf
+from llama.cpu import weight_bytes
+from llama.model import ModelArgs, Transformer
+from llama.quantize import make_quantized, quantized_bytes, read_scheme
+from llama.runtime import check_fits
+from llama.tokenizer import Tokenizer
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "params"
+BUILTIN_MODEL = Path(__file__).resolve().parent / "models" / "shakespeare"
+
+Loaded = tuple[Transformer, Tokenizer | None]
+
+
+def load(
+    source: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    *,
+    load_model: bool = True,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    seed: int = 1,
+    max_batch_size: int = 0,
+    max_seq_len: int = 0,
+) -> Loaded:
+    """What LLaMa.build loads: random weights when not load_model, else by what source is (a .gguf
+    file, a folder with quantization.json, or a Meta folder)."""
+    path = Path(source)
+    run = dict(device=device, dtype=dtype, quantize=quantize, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    if not load_model:
+        return random_weights(path, tokenizer_path, seed=seed, **run)
+    if path.suffix == ".gguf" and path.is_file():
+        return load_gguf(path, tokenizer_path, **run)
+    if path.is_dir() and read_scheme(path) is not None:
+        return load_quantized_folder(path, tokenizer_path, **run)
+    return load_meta_folder(path, tokenizer_path, **run)
+
+
+def load_meta_folder(
+    folder: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    max_batch_size: int = 0,
+    max_seq_len: int = 0,
+) -> Loaded:
+    """A Meta folder of any number of shards, with the tokenizer.model beside it (or in its parent)."""
+    checkpoint = MetaCheckpoint(folder)
+    args = checkpoint.args
+    tokenizer = _tokenizer(args, checkpoint.dir, tokenizer_path)
+    if checkpoint.vocab_size != args.vocab_size:
+        raise ValueError(
+            f"the embedding in {checkpoint.dir} has {checkpoint.vocab_size} rows but the tokenizer {tokenizer.path} "
+            f"has {args.vocab_size} words: pass the tokenizer.model that belongs to this model"
+        )
+    model = _empty(args, dtype)
+    # Quantizing a shard that is used in place (mmap) keeps one float matrix resident at a time;
+    # otherwise the float model is whole in memory first.
+    in_place = quantize is not None and checkpoint.maps_in_place(dtype, device)
+    _check_fits(model, quantized_bytes(model, quantize) if in_place else weight_bytes(model), max_batch_size, max_seq_len, device)
+    model.to_empty(device=device)
+    checkpoint.load_into(model)
+    return _quantized(model, quantize), tokenizer
+
+
+def load_quantized_folder(
+    folder: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    max_batch_size: int = 0,
+    max_seq_len: int = 0,
+) -> Loaded:
+    """A folder llama.quantize.save_quantized wrote: its layers load already quantized."""
+    folder = Path(folder)
+    scheme = read_scheme(folder)
+    if scheme is None:
+        raise FileNotFoundError(f"no quantization.json in {folder}: it is not a quantized folder")
+    if quantize is not None:
+        raise ValueError(f"{folder} is already quantized ({scheme['scheme']}): leave out quantize=")
+    args = read_params(folder)
+    tokenizer = _tokenizer(args, folder, tokenizer_path)
+    model = make_quantized(_empty(args, dtype), scheme["scheme"], scheme.get("group_size") or 64, quantize=False)
+    _check_fits(model, weight_bytes(model), max_batch_size, max_seq_len, device)
+    model.to_empty(device=device)
+    path = folder / "consolidated.00.pth"
+    try:
+        model.load_state_dict(load_shard(path), strict=True)  # the portable layout, read into the layers' own
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match {scheme}: {e}") from None
+    return model, tokenizer
+
+
+def load_gguf(
+    path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    max_batch_size: int = 0,
+    max_seq_len: int = 0,
+) -> Loaded:
+    """A LLaMA GGUF file: weights dequantized into dtype, the tokenizer rebuilt from its vocabulary
+    (or tokenizer_path's)."""
+    state_dict, args, proto = read_gguf(path, dtype)
+    tokenizer = _tokenizer(args, Path(path), tokenizer_path, proto)
+    model = _empty(args, dtype)
+    _check_fits(model, weight_bytes(model), max_batch_size, max_seq_len, device)
+    model.to_empty(device=device)
+    model.load_state_dict(state_dict, strict=True)
+    return _quantized(model, quantize), tokenizer
+
+
+def random_weights(
+    params: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    seed: int = 1,
+    max_batch_size: int = 0,
+    max_seq_len: int = 0,
+) -> Loaded:
+    """The architecture of a folder's params.json or of a preset in params/ ("llama-2-7b"), with
+    seeded random weights (Transformer.init_weights); the tokenizer only when there is one."""
+    path = Path(params)
+    args = read_params(path) if path.is_dir() else preset_args(str(params))
+    tokenizer = _tokenizer(args, path, tokenizer_path, required=False)
+    model = _empty(args, dtype)
+    _check_fits(model, weight_bytes(model), max_batch_size, max_seq_len, device)
+    model.to_empty(device=device)
+    model.init_weights(torch.Generator(device=device).manual_seed(seed))
+    return _quantized(model, quantize), tokenizer
+
+
+def preset_args(name: str) -> ModelArgs:
+    """The architecture of a preset in params/ ("llama-2-7b")."""
+    path = PRESETS_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+        raise FileNotFoundError(f"{name!r} is neither a checkpoint folder nor a preset; presets: {', '.join(known)}")
+    return ModelArgs.from_params(json.loads(path.read_text()))
+
+
+def _tokenizer(
+    args: ModelArgs, path: Path, tokenizer_path: str | os.PathLike | None, proto: bytes | None = None, required: bool = True
+) -> Tokenizer | None:
+    """The tokenizer (given, in a GGUF file, or beside the folder); params.json's vocab_size -1 is
+    resolved from it, and any other size must be its size."""
+    if tokenizer_path is None and proto is None and path.is_dir():
+        tokenizer_path = find_tokenizer(path)
+        if tokenizer_path is None and required:
+            raise FileNotFoundError(
+                f"no tokenizer.model in {path} or {path.parent}: pass tokenizer_path= the tokenizer.model file"
+            )
+    if tokenizer_path is None and proto is None:
+        if args.vocab_size == -1:
+            raise ValueError(f"{path} has vocab_size -1, which is taken from the tokenizer: pass tokenizer_path=")
+        return None
+    tokenizer = Tokenizer(tokenizer_path or path, model_proto=None if tokenizer_path else proto)
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+    elif args.vocab_size != tokenizer.n_words:
+        raise ValueError(
+            f"params.json says vocab_size={args.vocab_size} but {tokenizer_path or path} has {tokenizer.n_words} "
+            "words: pass the tokenizer.model that belongs to this model"
+        )
+    return tokenizer
+
+
+def _empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
+    """The architecture on the meta device: shapes and dtypes, no memory."""
+    with torch.device("meta"):
+        return Transformer(args).to(dtype)
+
+
+def _check_fits(model: Transformer, weight_bytes: int, max_batch_size: int, max_seq_len: int, device: torch.device):
+    """Refuse, before allocating, weights and a KV cache (Transformer.setup_cache's) that exceed free memory."""
+    args, dtype = model.params, model.tok_embeddings.weight.dtype
+    cache_bytes = 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * dtype.itemsize
+    check_fits(weight_bytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
+
+
+def _quantized(model: Transformer, quantize: str | None) -> Transformer:
+    return model if quantize is None else make_quantized(model, quantize)
