@@ -10,6 +10,7 @@ but on any device and any number of shards, with no torchrun.
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import fire
@@ -72,15 +73,30 @@ def complete(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     prompts = prompts or EXAMPLE_PROMPTS
-    llm = LLaMa.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                      device=device, dtype=dtype, seed=seed, quantize=quantize, pack=pack)  # fmt: skip
-    options = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,
-                   repetition_penalty=repetition_penalty, stop=stop)  # fmt: skip
+    llm = LLaMa.build(
+        ckpt_dir,
+        tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        quantize=quantize,
+        pack=pack,
+    )
+    options = dict(
+        temperature=temperature,
+        top_p=top_p,
+        max_gen_len=max_gen_len,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        stop=stop,
+    )
     stream = sys.stdout.isatty() if stream is None else stream
     batches = [prompts[i : i + max_batch_size] for i in range(0, len(prompts), max_batch_size)]
-    sink = open(out, "w", encoding="utf-8") if out else None
-    try:
-        for batch in tqdm(batches, desc="batches", unit="batch", disable=None if len(batches) > 1 and not stream else True):
+    show = len(batches) > 1 and not stream
+    with open(out, "w", encoding="utf-8") if out else nullcontext() as sink:
+        for batch in tqdm(batches, desc="batches", unit="batch", disable=None if show else True):
             if stream and not sink:
                 print_streamed(batch, llm.stream(batch, **options))
                 continue
@@ -90,9 +106,6 @@ def complete(
                     sink.write(json.dumps({"prompt": p, "completion": text, "tokens": t}) + "\n")
                 else:
                     tqdm.write(f"{p}\n> {text}{SEPARATOR}")
-    finally:
-        if sink:
-            sink.close()
 
 
 SEPARATOR = "\n\n==================================\n"
@@ -134,8 +147,16 @@ def chat(
     """Chat in the terminal in Llama 2's chat format (use a -chat model). The reply streams;
     /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
-    llm = LLaMa.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device,
-                      dtype=dtype, seed=seed, quantize=quantize)  # fmt: skip
+    llm = LLaMa.build(
+        ckpt_dir,
+        tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=1,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        quantize=quantize,
+    )
     start = [{"role": "system", "content": system}] if system else []
     dialog = list(start)
     print("Chat: /reset clears the history, /exit quits, Ctrl-C stops a reply.", flush=True)
@@ -168,8 +189,14 @@ def chat(
         print("llama> ", end="", flush=True)
         reply = ""
         try:
-            for event in llm.stream([tokens], temperature, top_p, min(max_gen_len, max_seq_len - len(tokens)),
-                                    top_k=top_k, repetition_penalty=repetition_penalty):  # fmt: skip
+            for event in llm.stream(
+                [tokens],
+                temperature,
+                top_p,
+                min(max_gen_len, max_seq_len - len(tokens)),
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+            ):
                 print(event.text, end="", flush=True)
                 reply += event.text
         except KeyboardInterrupt:

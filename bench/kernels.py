@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-
 from speed import SHAPES, bandwidth_gbs
-
 from torch import nn
 
 from llama.cpu import GemvLinear, PackedLinear, aten_linear, linear_around, weight_bytes
@@ -28,8 +26,15 @@ from llama.quantized_linear import Int4Linear, Int8Linear
 def step_shapes(args: ModelArgs) -> list[tuple[int, int]]:
     """(out, in) of every linear one decode step runs: 7 per layer, then the output projection."""
     kv, ffn = args.kv_heads * args.head_dim, args.ffn_hidden_dim
-    layer = [(args.dim, args.dim), (kv, args.dim), (kv, args.dim), (args.dim, args.dim),
-             (ffn, args.dim), (ffn, args.dim), (args.dim, ffn)]  # fmt: skip
+    layer = [
+        (args.dim, args.dim),
+        (kv, args.dim),
+        (kv, args.dim),
+        (args.dim, args.dim),
+        (ffn, args.dim),
+        (ffn, args.dim),
+        (args.dim, ffn),
+    ]
     return layer * args.n_layers + [(args.vocab_size, args.dim)]
 
 
@@ -48,10 +53,14 @@ def kernels() -> dict:
         # torch's own kernels read (where the compiled kernels cannot build)
         "int8 Int8Linear (quantize=int8)": (lambda w: Int8Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
         "int8 torch _weight_int8pack_mm": (
-            lambda w: Int8Linear(w.shape[1], w.shape[0], kernel_layout=False).quantize_(w), torch.bfloat16),
+            lambda w: Int8Linear(w.shape[1], w.shape[0], kernel_layout=False).quantize_(w),
+            torch.bfloat16,
+        ),
         "int4 Int4Linear (quantize=int4)": (lambda w: Int4Linear(w.shape[1], w.shape[0]).quantize_(w), torch.bfloat16),
         "int4 torch _weight_int4pack_mm_for_cpu": (
-            lambda w: Int4Linear(w.shape[1], w.shape[0], kernel_layout=False).quantize_(w), torch.bfloat16),
+            lambda w: Int4Linear(w.shape[1], w.shape[0], kernel_layout=False).quantize_(w),
+            torch.bfloat16,
+        ),
     }
 
 
@@ -82,7 +91,9 @@ def main() -> None:
         for name, (make, dtype) in kernels().items():
             inputs = {d: torch.randn(1, d, generator=gen).to(dtype) for d in {w.shape[1] for w in dense}}
             modules = [make(w) for w in dense]
-            own_bytes[name] = sum(weight_bytes(m) if isinstance(m, nn.Module) else w.numel() * 2 for m, w in zip(modules, dense))
+            own_bytes[name] = sum(
+                weight_bytes(m) if isinstance(m, nn.Module) else w.numel() * 2 for m, w in zip(modules, dense)
+            )
             steps[name] = [lambda m=m, x=inputs[w.shape[1]]: m(x) for m, w in zip(modules, dense)]
         times = {name: [] for name in steps}
         with torch.inference_mode():
@@ -94,13 +105,19 @@ def main() -> None:
         rows = {}
         for name, ts in times.items():
             seconds = statistics.median(ts)
-            rows[name] = {"step_ms": seconds * 1e3, "bf16_equivalent_gbs": bf16_bytes / seconds / 1e9,
-                          "weight_bytes": own_bytes[name], "weight_gbs": own_bytes[name] / seconds / 1e9,
-                          "tokens_per_s_bound": 1 / seconds,
-                          "speedup_vs_plain": statistics.median(p / t for p, t in zip(times[PLAIN], ts))}  # fmt: skip
-            print(f"{shape:<5} {name:<40} {seconds * 1e3:8.2f} ms/step {bf16_bytes / seconds / 1e9:6.1f} GB/s (bf16 "
-                  f"bytes), {rows[name]['weight_gbs']:5.1f} GB/s (its own) -> at most {1 / seconds:6.1f} tokens/s, "
-                  f"{rows[name]['speedup_vs_plain']:.2f}x plain")  # fmt: skip
+            rows[name] = {
+                "step_ms": seconds * 1e3,
+                "bf16_equivalent_gbs": bf16_bytes / seconds / 1e9,
+                "weight_bytes": own_bytes[name],
+                "weight_gbs": own_bytes[name] / seconds / 1e9,
+                "tokens_per_s_bound": 1 / seconds,
+                "speedup_vs_plain": statistics.median(p / t for p, t in zip(times[PLAIN], ts)),
+            }
+            print(
+                f"{shape:<5} {name:<40} {seconds * 1e3:8.2f} ms/step {bf16_bytes / seconds / 1e9:6.1f} GB/s (bf16 "
+                f"bytes), {rows[name]['weight_gbs']:5.1f} GB/s (its own) -> at most {1 / seconds:6.1f} tokens/s, "
+                f"{rows[name]['speedup_vs_plain']:.2f}x plain"
+            )
         del steps
         results["shapes"][shape] = {"bf16_weight_bytes": bf16_bytes, "kernels": rows}
         del dense

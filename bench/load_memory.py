@@ -68,7 +68,9 @@ def main() -> None:
     ap.add_argument("--n_layers", type=int, default=16)
     ap.add_argument("--out", default="bench/results/load_memory.json")
     opts = ap.parse_args()
-    args = ModelArgs(dim=opts.dim, n_layers=opts.n_layers, n_heads=opts.dim // 64, vocab_size=200)  # layers hold the bytes
+    args = ModelArgs(
+        dim=opts.dim, n_layers=opts.n_layers, n_heads=opts.dim // 64, vocab_size=200
+    )  # layers hold the bytes
     model = Transformer(args).to(torch.bfloat16)
     model.init_weights(torch.Generator().manual_seed(0))
     rows = []
@@ -76,9 +78,14 @@ def main() -> None:
         write_tokenizer(Path(tmp) / "tokenizer.model")  # found in the checkpoint's parent folder
         # pack=True: oneDNN-packed copies of the linears (llama.cpu); quantize: quantized while loading,
         # its peak set against its own (int8 / int4) weight bytes.
-        for n_shards, dtype, pack, quantize in ((1, "bfloat16", False, None), (2, "bfloat16", False, None),
-                                                (1, "bfloat16", True, None), (1, "float32", False, None),
-                                                (1, "bfloat16", False, "int8"), (1, "bfloat16", False, "int4")):  # fmt: skip
+        for n_shards, dtype, pack, quantize in (
+            (1, "bfloat16", False, None),
+            (2, "bfloat16", False, None),
+            (1, "bfloat16", True, None),
+            (1, "float32", False, None),
+            (1, "bfloat16", False, "int8"),
+            (1, "bfloat16", False, "int4"),
+        ):
             folder = Path(tmp) / f"mp{n_shards}"
             if not folder.exists():
                 save_checkpoint(model.state_dict(), args, folder, n_shards)
@@ -90,14 +97,33 @@ def main() -> None:
             row.update(json.loads(r.stdout.strip().splitlines()[-1]))
             row["file_bytes"] = sum(p.stat().st_size for p in folder.glob("consolidated.*.pth"))
             rows.append(row)
-    heads = ("shards", "dtype", "pack", "quantize", "weights MB", "peak RSS MB", "peak/weights", "load s", "again s",
-             "read s")  # fmt: skip
+    heads = (
+        "shards",
+        "dtype",
+        "pack",
+        "quantize",
+        "weights MB",
+        "peak RSS MB",
+        "peak/weights",
+        "load s",
+        "again s",
+        "read s",
+    )
     print(" ".join(f"{h:>12}" for h in heads))
     for r in rows:
-        cells = [r["shards"], r["dtype"], r["pack"], r["quantize"], f"{r['weight_bytes'] / 1e6:.0f}",
-                 f"{r['peak_rss_bytes'] / 1e6:.0f}", f"{r['peak_rss_bytes'] / r['weight_bytes']:.2f}",
-                 f"{r['load_s']:.2f}", f"{r['load_again_s']:.2f}", f"{r['read_s']:.2f}"]  # fmt: skip
-        print(" ".join(f"{str(c):>12}" for c in cells))
+        cells = [
+            r["shards"],
+            r["dtype"],
+            r["pack"],
+            r["quantize"],
+            f"{r['weight_bytes'] / 1e6:.0f}",
+            f"{r['peak_rss_bytes'] / 1e6:.0f}",
+            f"{r['peak_rss_bytes'] / r['weight_bytes']:.2f}",
+            f"{r['load_s']:.2f}",
+            f"{r['load_again_s']:.2f}",
+            f"{r['read_s']:.2f}",
+        ]
+        print(" ".join(f"{c!s:>12}" for c in cells))
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(dict(args=args.to_params(), torch=torch.__version__, rows=rows), indent=2))
 

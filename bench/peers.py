@@ -48,8 +48,15 @@ class Ours:
         # ours-packed: bf16 weights in oneDNN's layout (pack=True)
         dtype = variant if variant in ("fp16", "fp32") else "bfloat16"
         quantize = variant if variant in ("int8", "int4") else None
-        self.llm = LLaMa.build(path, max_seq_len=max_len, max_batch_size=max_batch, device="cpu", dtype=dtype,
-                               quantize=quantize, pack=variant == "packed")  # fmt: skip
+        self.llm = LLaMa.build(
+            path,
+            max_seq_len=max_len,
+            max_batch_size=max_batch,
+            device="cpu",
+            dtype=dtype,
+            quantize=quantize,
+            pack=variant == "packed",
+        )
         self.weight_bytes = weight_bytes(self.llm.model)  # state_dict() would unpack packed weights
 
     def generate(self, batch: list[list[int]], new_tokens: int) -> int:
@@ -70,8 +77,14 @@ class HF:
     def generate(self, batch: list[list[int]], new_tokens: int) -> int:
         ids = self.torch.tensor(batch)
         with self.torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=self.torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from llama import LLaMa
-from llama.model import ModelArgs, Transformer
 from llama.cpu import use_kernels, weight_bytes
+from llama.model import ModelArgs, Transformer
 from llama.quantize import make_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,14 +113,21 @@ def main() -> None:
             row[key] = (logits[row["scheme"]][i] - logits["bf16"][i]).abs().max().item()
         row["random_110m_logit_scale"] = logits["bf16"][0].abs().max().item()
 
-    print(f"{'scheme':<18} {'perplexity':>10} {'change':>8} {'decode ppl':>10} {'change':>8} {'built-in MB':>11} "
-          f"{'7B GB':>6} {'max logit diff (110M): pass, step':>34}")  # fmt: skip
+    print(
+        f"{'scheme':<18} {'perplexity':>10} {'change':>8} {'decode ppl':>10} {'change':>8} {'built-in MB':>11} "
+        f"{'7B GB':>6} {'max logit diff (110M): pass, step':>34}"
+    )
     for r in rows:
-        ppl = " ".join(f"{r[k]:>10.3f} {r[k + '_change']:>+8.2%}" if k in r else f"{'-':>10} {'-':>8}"
-                       for k in ("perplexity", "decode_perplexity"))  # fmt: skip
-        print(f"{r['scheme']:<18} {ppl} {r['builtin_weight_bytes'] / 1e6:>11.1f} {r['llama2_7b_weight_bytes'] / 1e9:>6.2f} "
-              f"{r['random_110m_max_logit_diff']:>10.4f}, {r['random_110m_decode_max_logit_diff']:.4f} "
-              f"of {r['random_110m_logit_scale']:.2f}")  # fmt: skip
+        ppl = " ".join(
+            f"{r[k]:>10.3f} {r[k + '_change']:>+8.2%}" if k in r else f"{'-':>10} {'-':>8}"
+            for k in ("perplexity", "decode_perplexity")
+        )
+        print(
+            f"{r['scheme']:<18} {ppl} {r['builtin_weight_bytes'] / 1e6:>11.1f} "
+            f"{r['llama2_7b_weight_bytes'] / 1e9:>6.2f} "
+            f"{r['random_110m_max_logit_diff']:>10.4f}, {r['random_110m_decode_max_logit_diff']:.4f} "
+            f"of {r['random_110m_logit_scale']:.2f}"
+        )
     result = {"rows": rows, "window": opts.window, "tokens": opts.tokens, "torch": torch.__version__}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(result, indent=2))

@@ -1,89 +1,574 @@
-"""README's tables from the JSON that the bench/ scripts wrote (speed, kernels, load_memory,
-quantize), so the numbers in README are copied by a script, never by hand.
+"""The benchmark report: bench/README.md, written from the JSON files that the bench/ scripts leave in
+bench/results/, so that every number in it is printed by this script and none is typed by hand.
 
-    python bench/report.py bench/results/speed.json [bench/results/kernels.json ...]
+    python bench/report.py                # write bench/README.md from every JSON file in bench/results/
+    python bench/report.py --check        # exit 1 when bench/README.md differs from what it would write
+    python bench/report.py --summary      # print the short table the main README shows
+    python bench/report.py FILE.json ...  # print the tables of the given result files
+
+Each result file has a section: the command that wrote it (COMMANDS), what was measured in plain
+words, its tables, and what they say in a sentence or two, every figure taken from the file.
 """
 
+import argparse
 import json
 import sys
+import textwrap
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
-# The comparisons README shows: each of ours against the peer of the same kind.
-COUNTERPARTS = {("ours", "hf"), ("ours", "llamacpp"), ("ours-packed", "hf"), ("ours-packed", "llamacpp"),
-                ("ours-fp16", "llamacpp"), ("ours-int8", "llamacpp-q8_0"), ("ours-int4", "llamacpp-q4_0")}  # fmt: skip
-NAMES = {"decode_b1": "decode b1", "prefill_512": "prefill 512", "decode_b8": "decode b8", "decode_b32": "decode b32"}
+from speed import SHAPES  # bench/speed.py: this script's folder is on sys.path when it runs
+
+BENCH = Path(__file__).resolve().parent
+RESULTS, README = BENCH / "results", BENCH / "README.md"
+
+# The command line that wrote each result file, run from the repository root after `pip install -e '.[bench]'`.
+COMMANDS = {
+    "speed.json": "python bench/speed.py --shapes 110m,1.1b --peers ours,ours-packed,hf,llamacpp --rounds 2",
+    "speed_b1.json": (
+        "python bench/speed.py --shapes 110m,1.1b --peers ours,llamacpp --workloads decode_b1 --rounds 5 \\\n"
+        "    --out bench/results/speed_b1.json"
+    ),
+    "speed_b1_variants.json": (
+        "python bench/speed.py --shapes 110m,1.1b --workloads decode_b1,prefill_512 --rounds 2 \\\n"
+        "    --peers ours,ours-packed,ours-fp16,ours-int8,ours-int4,llamacpp,llamacpp-q8_0,llamacpp-q4_0 \\\n"
+        "    --out bench/results/speed_b1_variants.json"
+    ),
+    "speed_b1_quantized.json": (
+        "python bench/speed.py --shapes 1.1b --workloads decode_b1 --rounds 5 \\\n"
+        "    --peers ours-int8,ours-int4,llamacpp-q8_0,llamacpp-q4_0 --out bench/results/speed_b1_quantized.json"
+    ),
+    "kernels.json": "python bench/kernels.py",
+    "load_memory.json": "python bench/load_memory.py",
+    "quantize.json": "python bench/quantize.py",
+}
+# The comparisons shown: each of ours against the peer of the same kind, in this order.
+COUNTERPARTS = (
+    ("ours", "hf"),
+    ("ours", "llamacpp"),
+    ("ours-packed", "hf"),
+    ("ours-packed", "llamacpp"),
+    ("ours-fp16", "llamacpp"),
+    ("ours-int8", "llamacpp-q8_0"),
+    ("ours-int4", "llamacpp-q4_0"),
+)
+WORKLOADS = {
+    "decode_b1": "decode b1",
+    "decode_b8": "decode b8",
+    "decode_b32": "decode b32",
+    "prefill_512": "prefill 512",
+}
+SUMMARY_WORKLOADS = {
+    "decode_b1": "decode, batch 1",
+    "decode_b8": "decode, batch 8",
+    "prefill_512": "prefill, 512 tokens",
+}
+SHAPE_NOTES = {"1.1b": "TinyLlama's shape: "}  # of bench/speed.py's SHAPES
+WIDTH = 100  # of the prose lines in bench/README.md
 
 
-def speed_table(result: dict) -> str:
-    shapes = result["shapes"]
-    workloads = [w for w in NAMES if w in next(iter(next(iter(shapes.values())).values()))]
-    lines = [f"| shape | peer | {' | '.join(NAMES[w] for w in workloads)} | load s | peak RSS MB | b1 / ceiling |",
-             "|---" * (len(workloads) + 5) + "|"]  # fmt: skip
-    for shape, peers in shapes.items():
-        for peer, row in peers.items():
-            cells = [f"{row[w]:.1f}" for w in workloads]
-            frac = row.get("bandwidth_fraction_b1")
-            frac = "-" if frac is None else f"{frac:.2f}"
-            lines.append(f"| {shape} | {peer} | {' | '.join(cells)} | {row['load_s']:.2f} | "
-                         f"{row['peak_rss_bytes'] / 1e6:.0f} | {frac} |")  # fmt: skip
-        for peer, row in peers.items():
-            for key, ratios in row.items():
-                if key.startswith("ratio_vs_") and (peer, key.removeprefix("ratio_vs_")) in COUNTERPARTS:
-                    cells = [f"{ratios[w]:.2f}x" for w in workloads]
-                    lines.append(f"| {shape} | {peer} / {key.removeprefix('ratio_vs_')} | {' | '.join(cells)} | | | |")
-    notes = [f"memory bandwidth (copy probe): {result['bandwidth_gbs']:.1f} GB/s, {result['threads']} threads, "
-             f"{result['new_tokens']} new tokens"]  # fmt: skip
-    for shape, peers in shapes.items():  # with several rounds, the spread of the batch-1 ratio
-        for peer, row in peers.items():
-            other = next((o for p, o in COUNTERPARTS if p == peer and o.startswith("llamacpp")), None)
-            if other in peers and len(row["rounds"]) > 2:
-                ratios = [a["decode_b1"] / b["decode_b1"] for a, b in zip(row["rounds"], peers[other]["rounds"])]
-                notes.append(f"{shape} {peer} / {other} decode b1, round by round: {', '.join(f'{r:.2f}x' for r in ratios)}")
-    return "\n".join(lines) + "\n\n" + "; ".join(notes)
+# --- formatting -------------------------------------------------------------------------------------------------
 
 
-def quantize_table(result: dict) -> str:
-    lines = ["| scheme | perplexity, one pass | change | perplexity, decode steps | change | built-in weights MB | "
-             "Llama 2 7B weights GB | max logit diff, random 110M: pass / step |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in result["rows"]:
-        ppl = " | ".join(f"{r[k]:.3f} | {r[k + '_change']:+.2%}" if k in r else "- | -"
-                         for k in ("perplexity", "decode_perplexity"))  # fmt: skip
-        lines.append(f"| {r['scheme']} | {ppl} | {r['builtin_weight_bytes'] / 1e6:.1f} | "
-                     f"{r['llama2_7b_weight_bytes'] / 1e9:.2f} | {r['random_110m_max_logit_diff']:.3f} / "
-                     f"{r['random_110m_decode_max_logit_diff']:.3f} (logits up to {r['random_110m_logit_scale']:.1f}) |")  # fmt: skip
-    return "\n".join(lines)
+def md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    def line(cells: Sequence[object]) -> str:
+        return "| " + " | ".join(map(str, cells)) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
+def paragraph(text: str) -> str:
+    return textwrap.fill(text, WIDTH, break_long_words=False, break_on_hyphens=False)
+
+
+def times(r: float) -> str:
+    return f"{r:.2f}x"
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.0f}"
+
+
+def span(values: Iterable[float], fmt: str = ".2f") -> str:
+    """The range of some values, "0.34-1.06", or the one value."""
+    values = list(values)
+    lo, hi = f"{min(values):{fmt}}", f"{max(values):{fmt}}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+# --- speed.py results -------------------------------------------------------------------------------------------
+
+
+def workloads(result: dict) -> list[str]:
+    first_row = next(iter(next(iter(result["shapes"].values())).values()))
+    return [w for w in WORKLOADS if w in first_row]
+
+
+def comparisons(result: dict) -> Iterator[tuple[str, str, str]]:
+    """(shape, ours, other) for every comparison in COUNTERPARTS that the result holds."""
+    for shape, peers in result["shapes"].items():
+        yield from ((shape, ours, other) for ours, other in COUNTERPARTS if ours in peers and other in peers)
+
+
+def ratio(result: dict, shape: str, ours: str, other: str, workload: str) -> float:
+    """Median over rounds of ours' tokens/s over the other's, both taken in the same round."""
+    return result["shapes"][shape][ours][f"ratio_vs_{other}"][workload]
+
+
+def shape_ratios(result: dict, ours: str, other: str, workload: str) -> str:
+    """The ratio on every shape of the result, "0.76x / 0.87x" (in the order of shape_names)."""
+    found = [shape for shape, o, p in comparisons(result) if (o, p) == (ours, other)]
+    return " / ".join(times(ratio(result, shape, ours, other, workload)) for shape in found)
+
+
+def shape_names(result: dict) -> str:
+    return " / ".join(result["shapes"])
+
+
+def rounds(result: dict) -> int:
+    return min(len(row["rounds"]) for peers in result["shapes"].values() for row in peers.values())
+
+
+def ceiling(row: dict) -> str:
+    return "-" if row.get("bandwidth_fraction_b1") is None else f"{row['bandwidth_fraction_b1']:.2f}"
+
+
+def speed_tables(result: dict) -> str:
+    ws = workloads(result)
+    names = [WORKLOADS[w] for w in ws]
+    speeds = md_table(
+        ["shape", "peer", *names, "b1 / ceiling", "load s", "peak RSS MB"],
+        (
+            [
+                shape,
+                peer,
+                *(f"{row[w]:.1f}" for w in ws),
+                ceiling(row),
+                f"{row['load_s']:.2f}",
+                mb(row["peak_rss_bytes"]),
+            ]
+            for shape, peers in result["shapes"].items()
+            for peer, row in peers.items()
+        ),
+    )
+    ratios = md_table(
+        ["shape", "ratio", *names],
+        (
+            [shape, f"{ours} / {other}", *(times(ratio(result, shape, ours, other, w)) for w in ws)]
+            for shape, ours, other in comparisons(result)
+        ),
+    )
+    text = f"Tokens per second (medians):\n\n{speeds}\n\nRatios:\n\n{ratios}"
+    return text + round_by_round(result)
+
+
+def round_by_round(result: dict, workload: str = "decode_b1") -> str:
+    """One line per comparison, where there are more than two rounds to show a spread."""
+    if rounds(result) <= 2:
+        return ""
+    lines = []
+    for shape, ours, other in comparisons(result):
+        peers = result["shapes"][shape]
+        rs = [a[workload] / b[workload] for a, b in zip(peers[ours]["rounds"], peers[other]["rounds"], strict=True)]
+        lines.append(f"- {shape} {ours} / {other}: {', '.join(map(times, rs))}")
+    return f"\n\n{WORKLOADS[workload].capitalize()}, round by round:\n\n" + "\n".join(lines)
+
+
+def speed_paragraphs(result: dict) -> list[str]:
+    method = (
+        f"Tokens per second, greedy: `decode b1`, `b8` and `b32` generate {result['new_tokens']} new tokens for each "
+        "of 1, 8 or 32 sequences after a 32-token prompt (its time included); `prefill 512` reads one 512-token "
+        "prompt (median of three). `load s` is the time to build the model; `peak RSS MB` the most memory the "
+        "process held above its imports', over the load and every workload (the largest batch's KV cache "
+        "included). `ours` is `LLaMa.build` as it comes (bf16 on the CPU), `ours-packed` adds `pack=True` (weights "
+        "reordered for oneDNN's matrix kernels, which batches use); `hf` is transformers' `LlamaForCausalLM` in "
+        "bf16; `llamacpp` reads an F16 GGUF file."
+    )
+    r = partial(shape_ratios, result)
+    findings = (
+        f"For {shape_names(result)}: at batch 1 ours decodes at {r('ours', 'llamacpp', 'decode_b1')} llama.cpp's "
+        f"speed and {r('ours', 'hf', 'decode_b1')} transformers'. At batch 8 it is "
+        f"{r('ours', 'llamacpp', 'decode_b8')} llama.cpp by default and {r('ours-packed', 'llamacpp', 'decode_b8')} "
+        f"with `pack=True`; at batch 32, {r('ours', 'llamacpp', 'decode_b32')} and "
+        f"{r('ours-packed', 'llamacpp', 'decode_b32')}. A 512-token prompt runs at "
+        f"{r('ours', 'llamacpp', 'prefill_512')} llama.cpp's speed and {r('ours', 'hf', 'prefill_512')} "
+        "transformers' (both run PyTorch's matrix kernels for prompts)."
+    )
+    return [method, findings]
+
+
+def speed_b1_paragraphs(result: dict) -> list[str]:
+    method = (
+        "Batch-1 decode is the number that a shared machine's noise moves most, so this run repeats it alone, "
+        f"{rounds(result)} rounds, ours against llama.cpp's F16; columns as in the first speed table."
+    )
+    return [method]
+
+
+def variants_paragraphs(result: dict) -> list[str]:
+    method = (
+        "Batch-1 decode and prefill in each weight format, against llama.cpp's file of the same kind: `ours`, "
+        '`ours-packed` and `ours-fp16` (`dtype="float16"`) against F16, `ours-int8` / `ours-int4` (`quantize=` on a '
+        "bf16 build) against `q8_0` / `q4_0`. `b1 / ceiling` counts each format's own weight bytes."
+    )
+    r = partial(shape_ratios, result)
+    findings = (
+        f"For {shape_names(result)}: at batch 1, int8 decodes at {r('ours-int8', 'llamacpp-q8_0', 'decode_b1')} "
+        f"q8_0's speed and int4 at {r('ours-int4', 'llamacpp-q4_0', 'decode_b1')} q4_0's; for a 512-token prompt, "
+        f"int8 runs at {r('ours-int8', 'llamacpp-q8_0', 'prefill_512')} q8_0's speed and int4 at "
+        f"{r('ours-int4', 'llamacpp-q4_0', 'prefill_512')} q4_0's. `ours-fp16` is "
+        f"{r('ours-fp16', 'llamacpp', 'decode_b1')} llama.cpp's F16 at batch 1 and "
+        f"{r('ours-fp16', 'llamacpp', 'prefill_512')} for a prompt: on a CPU, use bf16."
+    )
+    return [method, findings]
+
+
+def quantized_paragraphs(result: dict) -> list[str]:
+    method = (
+        f"Quantized batch-1 decode alone, {rounds(result)} rounds: `ours-int8` and `ours-int4` against llama.cpp's "
+        "`q8_0` and `q4_0`; columns as in the first speed table."
+    )
+    return [method]
+
+
+# --- kernels.py, load_memory.py and quantize.py results ---------------------------------------------------------
 
 
 def kernels_table(result: dict) -> str:
-    lines = ["| shape | kernel | ms per step (linears only) | weight MB | GB/s of its weights | at most tokens/s "
-             "| vs plain PyTorch |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for shape, r in result["shapes"].items():
-        for name, k in r["kernels"].items():
-            lines.append(f"| {shape} | {name} | {k['step_ms']:.1f} | {k['weight_bytes'] / 1e6:.0f} | "
-                         f"{k['weight_gbs']:.1f} | {k['tokens_per_s_bound']:.1f} | {k['speedup_vs_plain']:.2f}x |")  # fmt: skip
-    return "\n".join(lines) + f"\n\nmemory bandwidth (copy probe): {result['bandwidth_gbs']:.1f} GB/s, " \
-        f"{result['threads']} threads"  # fmt: skip
+    return md_table(
+        ["shape", "kernel", "ms per step", "weight MB", "GB/s of its weights", "at most tokens/s", "vs plain PyTorch"],
+        (
+            [
+                shape,
+                name,
+                f"{k['step_ms']:.1f}",
+                mb(k["weight_bytes"]),
+                f"{k['weight_gbs']:.1f}",
+                f"{k['tokens_per_s_bound']:.1f}",
+                times(k["speedup_vs_plain"]),
+            ]
+            for shape, r in result["shapes"].items()
+            for name, k in r["kernels"].items()
+        ),
+    )
+
+
+def kernels_paragraphs(result: dict) -> list[str]:
+    method = (
+        "What the linear layers alone allow at batch 1: every linear of one decode step, back to back on one input "
+        "row, in each module this project (or plain PyTorch) can run, the modules taking turns pass by pass; "
+        "medians. `at most tokens/s` is the decode speed if nothing but these linears took time. `weight MB` is "
+        "what each module holds (quantized ones with their scales), and `GB/s of its weights` that read once per "
+        "step. `vs plain PyTorch` is the speed-up over bf16 `nn.Linear` (which PyTorch sends to oneDNN), taken "
+        "within each pass."
+    )
+    kernels = [r["kernels"] for r in result["shapes"].values()]
+
+    def gbs(name: str) -> str:
+        return " / ".join(f"{k[name]['weight_gbs']:.1f}" for k in kernels)
+
+    def faster(ours: str, torch: str) -> str:
+        return " / ".join(times(k[torch]["step_ms"] / k[ours]["step_ms"]) for k in kernels)
+
+    findings = (
+        f"For {shape_names(result)}: this project's bf16 GEMV (`GemvLinear`) streams its weights at "
+        f"{gbs('bf16 GemvLinear (default)')} GB/s, ATen's own GEMV at {gbs('bf16 ATen GEMV (no compiled kernel)')} "
+        f"and plain `nn.Linear` at {gbs('bf16 nn.Linear (plain PyTorch)')}, in a run where the copy probe read "
+        f"{result['bandwidth_gbs']:.1f} GB/s. Its int8 layers run a step "
+        f"{faster('int8 Int8Linear (quantize=int8)', 'int8 torch _weight_int8pack_mm')} as fast as torch's "
+        "`_weight_int8pack_mm`, its int4 layers "
+        f"{faster('int4 Int4Linear (quantize=int4)', 'int4 torch _weight_int4pack_mm_for_cpu')} as fast as "
+        "`_weight_int4pack_mm_for_cpu`."
+    )
+    return [method, findings]
 
 
 def load_table(result: dict) -> str:
-    lines = ["| shards | dtype | pack | quantize | weights MB | peak RSS MB | peak / weights | load s | again s | read s |",
-             "|---" * 10 + "|"]  # fmt: skip
-    for r in result["rows"]:
-        lines.append(f"| {r['shards']} | {r['dtype']} | {r['pack']} | {r['quantize'] or '-'} | "
-                     f"{r['weight_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} | "
-                     f"{r['peak_rss_bytes'] / r['weight_bytes']:.2f} | {r['load_s']:.2f} | {r['load_again_s']:.2f} | "
-                     f"{r['read_s']:.2f} |")  # fmt: skip
-    return "\n".join(lines)
+    return md_table(
+        [
+            "shards",
+            "dtype",
+            "pack",
+            "quantize",
+            "weights MB",
+            "peak RSS MB",
+            "peak / weights",
+            "load s",
+            "again s",
+            "read s",
+        ],
+        (
+            [
+                r["shards"],
+                r["dtype"],
+                r["pack"],
+                r["quantize"] or "-",
+                mb(r["weight_bytes"]),
+                mb(r["peak_rss_bytes"]),
+                f"{r['peak_rss_bytes'] / r['weight_bytes']:.2f}",
+                f"{r['load_s']:.2f}",
+                f"{r['load_again_s']:.2f}",
+                f"{r['read_s']:.2f}",
+            ]
+            for r in result["rows"]
+        ),
+    )
 
 
-def table(data: dict) -> str:
-    if "shapes" in data:
-        return kernels_table(data) if "kernels" in next(iter(data["shapes"].values())) else speed_table(data)
-    return load_table(data) if "shards" in data["rows"][0] else quantize_table(data)
+def load_paragraphs(result: dict) -> list[str]:
+    rows, args = result["rows"], result["args"]
+    plain = [r for r in rows if not r["quantize"]]
+    quantized = [r for r in rows if r["quantize"]]
+    base = next(r for r in plain if r["shards"] == 1 and r["dtype"] == "bfloat16" and not r["pack"])
+    method = (
+        f"`LLaMa.build` on a {mb(base['file_bytes'])} MB bf16 checkpoint (dim {args['dim']}, {args['n_layers']} "
+        "layers), each case in a fresh process. `peak RSS MB` is the peak resident memory above the process's "
+        "before the build, after loading and one forward pass (which pages in mapped weights); `peak / weights` "
+        "sets it against the bytes of the weights as built. `load s` is the process's first build, `again s` a "
+        "second one (without one-time imports and setup), `read s` the time to read the shard files from the page "
+        "cache. `quantize` rows are quantized while loading."
+    )
+    findings = (
+        f"Every unquantized path peaks at {span(r['peak_rss_bytes'] / r['weight_bytes'] for r in plain)}x its "
+        f"weights. Quantized while loading, {' / '.join(r['quantize'] for r in quantized)} peak at "
+        f"{' / '.join(times(r['peak_rss_bytes'] / r['weight_bytes']) for r in quantized)} their own bytes, which is "
+        f"{' / '.join(times(r['peak_rss_bytes'] / base['weight_bytes']) for r in quantized)} of the bf16 weights: "
+        "those are never all resident (the quantized peaks vary from run to run, as glibc may keep the quantizer's "
+        f"freed temporaries). A second build from one bf16 shard takes {base['load_again_s']:.2f} s, against "
+        f"{base['read_s']:.2f} s to read the file; a process's first build takes "
+        f"{span(r['load_s'] - r['load_again_s'] for r in rows)} s longer than its second."
+    )
+    return [method, findings]
+
+
+def quantize_table(result: dict) -> str:
+    def perplexity(r: dict, key: str) -> list[str]:
+        return [f"{r[key]:.3f}", f"{r[key + '_change']:+.2%}"] if key in r else ["-", "-"]
+
+    return md_table(
+        [
+            "scheme",
+            "perplexity, one pass",
+            "change",
+            "perplexity, decode steps",
+            "change",
+            "built-in MB",
+            "Llama 2 7B GB",
+            "max logit diff, pass / step",
+        ],
+        (
+            [
+                r["scheme"],
+                *perplexity(r, "perplexity"),
+                *perplexity(r, "decode_perplexity"),
+                f"{r['builtin_weight_bytes'] / 1e6:.1f}",
+                f"{r['llama2_7b_weight_bytes'] / 1e9:.2f}",
+                f"{r['random_110m_max_logit_diff']:.3f} / {r['random_110m_decode_max_logit_diff']:.3f}",
+            ]
+            for r in result["rows"]
+        ),
+    )
+
+
+def quantize_paragraphs(result: dict) -> list[str]:
+    rows = result["rows"]
+    method = (
+        f"Perplexity of the built-in model on {result['tokens']:,} held-out tokens of its corpus, in windows of "
+        f"{result['window']}, scored in one pass per window (the prompt kernels) and a token at a time through the "
+        "KV cache (the decode-step kernels); `change` is against bf16. `max logit diff`: the largest difference "
+        "from bf16's logits on a random 110m-shape checkpoint, both ways (the largest logit is "
+        f"{rows[0]['random_110m_logit_scale']:.1f}). Weight sizes: the built-in model, and Llama 2 7B with every "
+        "linear quantized and the embedding in bf16."
+    )
+    bf16 = rows[0]["llama2_7b_weight_bytes"]
+    moves = "; ".join(
+        f"`{r['scheme']}` within {max(abs(r['perplexity_change']), abs(r['decode_perplexity_change'])):.2%} at "
+        f"{r['llama2_7b_weight_bytes'] / bf16:.0%}"
+        for r in rows[1:]
+        if "perplexity_change" in r
+    )
+    findings = f"Against bf16, perplexity (either way) and Llama 2 7B's weight bytes: {moves}."
+    return [method, findings] if moves else [method]
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def tables(result: dict) -> str:
+    """The tables of one result file, whichever script wrote it."""
+    if "shapes" in result:
+        return kernels_table(result) if "kernels" in next(iter(result["shapes"].values())) else speed_tables(result)
+    return load_table(result) if "shards" in result["rows"][0] else quantize_table(result)
+
+
+# file -> (section title, its paragraphs: what was measured, then what the numbers say)
+SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
+    "speed.json": ("Speed: ours, transformers and llama.cpp", speed_paragraphs),
+    "speed_b1.json": ("Batch 1, more rounds", speed_b1_paragraphs),
+    "speed_b1_variants.json": ("Each weight format against llama.cpp's", variants_paragraphs),
+    "speed_b1_quantized.json": ("Quantized batch 1, more rounds", quantized_paragraphs),
+    "kernels.json": ("The linear layers alone", kernels_paragraphs),
+    "load_memory.json": ("Load time and memory", load_paragraphs),
+    "quantize.json": ("Quantization: quality and size", quantize_paragraphs),
+}
+
+
+def load_results() -> dict[str, dict]:
+    """Every JSON file in bench/results/, in the order of COMMANDS; one without a command is refused."""
+    found = {p.name: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
+    unknown = sorted(set(found) - set(COMMANDS))
+    if unknown:
+        sys.exit(f"bench/report.py: no command for {', '.join(unknown)}: add the line that wrote it to COMMANDS")
+    return {name: found[name] for name in COMMANDS if name in found}
+
+
+def summary(results: dict[str, dict]) -> str:
+    """One short table for the main README: ours against transformers and llama.cpp on both shapes."""
+    speed, quant = results["speed.json"], results.get("speed_b1_quantized.json")
+
+    def cell(row: dict, workload: str) -> str:
+        share = f" ({row['bandwidth_fraction_b1']:.0%})" if workload == "decode_b1" else ""
+        return f"{row[workload]:.1f}{share}"
+
+    rows = [
+        [
+            shape,
+            label,
+            *(cell(peers[p], w) for p in ("ours", "hf", "llamacpp")),
+            times(ratio(speed, shape, "ours", "hf", w)),
+            times(ratio(speed, shape, "ours", "llamacpp", w)),
+        ]
+        for shape, peers in speed["shapes"].items()
+        for w, label in SUMMARY_WORKLOADS.items()
+    ]
+    for shape, ours, other in comparisons(quant) if quant else ():
+        peers = quant["shapes"][shape]
+        rows.append(
+            [
+                shape,
+                f"decode, batch 1: {ours.removeprefix('ours-')} vs {other.removeprefix('llamacpp-')}",
+                cell(peers[ours], "decode_b1"),
+                "-",
+                cell(peers[other], "decode_b1"),
+                "-",
+                times(ratio(quant, shape, ours, other, "decode_b1")),
+            ]
+        )
+    table = md_table(
+        [
+            "shape",
+            f"tokens/s, {speed['threads']} threads",
+            "ours",
+            "Hugging Face",
+            "llama.cpp",
+            "ours / HF",
+            "ours / llama.cpp",
+        ],
+        rows,
+    )
+    legend = (
+        f"Medians of {rounds(speed)} rounds on the same random weights, bf16 against llama.cpp's F16; ratios are "
+        "medians of the ratios within each round. In brackets: batch-1 decode as a share of the memory-bandwidth "
+        "ceiling (every weight read once per token at the speed of a copy; reading alone can beat a copy, hence "
+        "over 100%)."
+    )
+    if quant:
+        legend += (
+            f" The int8 / int4 rows (`quantize=`) are against llama.cpp's q8_0 / q4_0, {rounds(quant)} rounds in a "
+            "separate run (speed_b1_quantized.json)."
+        )
+    return f"{table}\n\n{paragraph(legend)}"
+
+
+def intro(results: dict[str, dict]) -> str:
+    speed = next(r for name, r in results.items() if name.startswith("speed"))
+    bandwidths = [r["bandwidth_gbs"] for r in results.values() if "bandwidth_gbs" in r]
+    threads = sorted({r["threads"] for r in results.values() if "threads" in r})
+
+    def shape(name: str, peers: dict) -> str:
+        s = SHAPES[name]
+        kv = f", {s['n_kv_heads']} KV heads" if "n_kv_heads" in s else ""
+        return (
+            f"`{name}` ({SHAPE_NOTES.get(name, '')}dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} "
+            f"heads{kv}; {mb(peers['ours']['weight_bytes'])} MB of bf16 weights)"
+        )
+
+    what = (
+        "This project (`ours`) against the tools people would pick instead, Hugging Face `transformers` and "
+        "llama.cpp (through `llama-cpp-python`, GGUF files written with the `gguf` package), on the same random "
+        "weights in Meta's layout, made by `bench/speed.py`. Two shapes, both Llama 2's architecture: "
+        f"{' and '.join(shape(n, p) for n, p in speed['shapes'].items() if 'ours' in p)}."
+    )
+    how = (
+        f"Every run uses {' or '.join(map(str, threads))} CPU threads. Each peer runs in its own process, the peers "
+        "taking turns round by round; tables show medians over rounds, and a ratio is the median of the ratios "
+        "within each round (not the quotient of two medians). Each run also measures memory bandwidth with a copy "
+        "probe (bytes read plus written per second). `b1 / ceiling` is batch-1 decode as a share of the ceiling "
+        "that bandwidth sets if every token reads every weight once: tokens/s times the bytes of the weights, over "
+        "the probe's bytes per second. A stream that only reads can beat a copy, so the share can pass 1."
+    )
+    noise = (
+        "The runs were made at different times on a shared machine (the copy probe read "
+        f"{span(bandwidths, '.1f')} GB/s across them): compare numbers within a table, not across tables. Run the "
+        "scripts from the repository root after `pip install -e '.[bench]'`."
+    )
+    return "\n\n".join(map(paragraph, (what, how, noise)))
+
+
+def section(name: str, result: dict) -> str:
+    title, paragraphs = SECTIONS[name]
+    method, *findings = paragraphs(result)
+    return "\n\n".join(
+        [
+            f"## {title}",
+            f"`bench/results/{name}`, written by:",
+            f"```bash\n{COMMANDS[name]}\n```",
+            paragraph(method),
+            tables(result),
+            *map(paragraph, findings),
+        ]
+    )
+
+
+def report(results: dict[str, dict]) -> str:
+    head = "# Benchmarks\n\n" + paragraph(
+        "Every number in this file is printed by `python bench/report.py` from the JSON files in `bench/results/`, "
+        "which the command named in each section wrote: edit that script, not this file (`python bench/report.py "
+        "--check` fails when the two differ)."
+    )
+    glance = "## At a glance\n\n`python bench/report.py --summary` prints this table:\n\n" + summary(results)
+    sections = [section(name, result) for name, result in results.items()]
+    return "\n\n".join([head, intro(results), *([glance] if "speed.json" in results else []), *sections]) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="*", type=Path, help="print these result files' tables instead")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if bench/README.md is out of date")
+    mode.add_argument("--summary", action="store_true", help="print the main README's table")
+    opts = ap.parse_args()
+    if opts.files:
+        for path in opts.files:
+            print(f"<!-- {path} -->\n{tables(json.loads(path.read_text()))}\n")
+        return
+    results = load_results()
+    if opts.summary:
+        print(summary(results))
+        return
+    text = report(results)
+    if opts.check:
+        if not README.is_file() or README.read_text(encoding="utf-8") != text:
+            sys.exit(
+                "bench/README.md differs from what bench/report.py writes from bench/results/: "
+                "run `python bench/report.py` and commit the result"
+            )
+        print("bench/README.md is up to date")
+        return
+    README.write_text(text, encoding="utf-8")
+    print(f"wrote {README.relative_to(BENCH.parent)} ({len(text.encode()):,} bytes)")
 
 
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(f"<!-- {path} -->")
-        print(table(json.loads(Path(path).read_text())), end="\n\n")
+    main()

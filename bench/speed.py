@@ -9,8 +9,8 @@ its own process, peers interleaved round by round; medians, and ratios taken wit
 """
 
 import argparse
-import itertools
 import io
+import itertools
 import json
 import os
 import statistics
@@ -38,9 +38,17 @@ def make_tokenizer(path: Path) -> None:
     lines = [f"line {i} of some text for a tokenizer with words" for i in range(2000)]
     symbols = ["".join(p) for p in itertools.islice(itertools.product("aeiou", repeat=7), 31700)]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=32000,
-                                   model_type="bpe", user_defined_symbols=symbols, eos_id=-1, byte_fallback=True,
-                                   hard_vocab_limit=False, minloglevel=2)  # fmt: skip
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=32000,
+        model_type="bpe",
+        user_defined_symbols=symbols,
+        eos_id=-1,
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     path.write_bytes(buf.getvalue())
 
 
@@ -71,7 +79,9 @@ def make_models(shape: str, root: Path, peers: list[str]) -> dict[str, str]:
         from llama.convert.gguf import write_gguf
 
         kind = (peer.split("-")[1] if "-" in peer else "f16").upper()
-        paths[peer] = str(write_gguf(sd, args, Tokenizer(meta / "tokenizer.model"), root / shape / f"{kind}.gguf", kind))
+        paths[peer] = str(
+            write_gguf(sd, args, Tokenizer(meta / "tokenizer.model"), root / shape / f"{kind}.gguf", kind)
+        )
     return paths
 
 
@@ -105,8 +115,11 @@ def main() -> None:
     shapes, peers, workloads = opts.shapes.split(","), opts.peers.split(","), opts.workloads.split(",")
     available = [p for p in peers if peer_available(p)]
     for p in set(peers) - set(available):
-        why = "this CPU's oneDNN has no bf16 kernels" if p == "ours-packed" else \
-            f"{PEER_PACKAGES[p.split('-')[0]]} is not installed (pip install -e '.[bench]')"  # fmt: skip
+        why = (
+            "this CPU's oneDNN has no bf16 kernels"
+            if p == "ours-packed"
+            else f"{PEER_PACKAGES[p.split('-')[0]]} is not installed (pip install -e '.[bench]')"
+        )
         print(f"skipping {p}: {why}")
     bw = bandwidth_gbs(64 if opts.smoke else 1024)
     print(f"memory bandwidth (copy): {bw:.1f} GB/s, threads: {opts.threads}")
@@ -119,8 +132,10 @@ def main() -> None:
             for r in range(opts.rounds):
                 for peer in available:  # interleaved: each round runs every peer once
                     runs[peer].append(run_peer(peer, paths[peer], workloads, opts))
-                    print(f"{shape} round {r + 1} {peer}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[peer][-1].items()
-                                                                       if k in WORKLOADS))  # fmt: skip
+                    print(
+                        f"{shape} round {r + 1} {peer}: "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in runs[peer][-1].items() if k in WORKLOADS)
+                    )
             results["shapes"][shape] = summarize(runs, workloads, bw)
     print_table(results, workloads)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
@@ -143,8 +158,15 @@ def peer_available(peer: str) -> bool:
 
 def run_peer(peer: str, path: str, workloads: list[str], opts) -> dict:
     """One fresh process: load, warm up, each workload once; tokens/s, load seconds, peak RSS."""
-    cmd = [sys.executable, str(Path(__file__).with_name("peers.py")), peer, path, ",".join(workloads),
-           str(opts.new_tokens), str(opts.threads)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(Path(__file__).with_name("peers.py")),
+        peer,
+        path,
+        ",".join(workloads),
+        str(opts.new_tokens),
+        str(opts.threads),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"{peer} failed:\n{r.stderr[-4000:]}")
@@ -162,8 +184,9 @@ def summarize(runs: dict[str, list[dict]], workloads: list[str], bw: float) -> d
                 w: statistics.median(a[w] / b[w] for a, b in zip(runs[ours], runs[peer])) for w in workloads
             }
     for peer in runs:
-        out[peer]["bandwidth_fraction_b1"] = out[peer]["decode_b1"] * out[peer]["weight_bytes"] / (bw * 1e9) \
-            if "decode_b1" in workloads else None  # fmt: skip
+        out[peer]["bandwidth_fraction_b1"] = (
+            out[peer]["decode_b1"] * out[peer]["weight_bytes"] / (bw * 1e9) if "decode_b1" in workloads else None
+        )
     return out
 
 
@@ -172,7 +195,11 @@ def print_table(results: dict, workloads: list[str]) -> None:
     print(f"\n{'shape':<6} {'peer':<9} " + " ".join(f"{c:>12}" for c in cols))
     for shape, peers in results["shapes"].items():
         for peer, row in peers.items():
-            vals = [row[w] for w in workloads] + [row["load_s"], row["peak_rss_bytes"] / 1e6, row["bandwidth_fraction_b1"] or 0]
+            vals = [row[w] for w in workloads] + [
+                row["load_s"],
+                row["peak_rss_bytes"] / 1e6,
+                row["bandwidth_fraction_b1"] or 0,
+            ]
             print(f"{shape:<6} {peer:<9} " + " ".join(f"{v:>12.2f}" for v in vals))
         for ours, row in peers.items():
             for key, ratios in row.items():

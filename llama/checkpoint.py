@@ -30,7 +30,9 @@ DROPPED_KEYS = ("rope.freqs",)  # Llama 1/2 store their rotation table; we compu
 def read_params(ckpt_dir: str | os.PathLike) -> ModelArgs:
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no params.json in {Path(ckpt_dir)}: a Meta checkpoint folder has one beside its shards")
+        raise FileNotFoundError(
+            f"no params.json in {Path(ckpt_dir)}: a Meta checkpoint folder has one beside its shards"
+        )
     try:
         params = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -143,7 +145,9 @@ class MetaCheckpoint:
         expected = model.state_dict()
         missing, unexpected = sorted(expected.keys() - self.shapes.keys()), sorted(self.shapes.keys() - expected.keys())
         if missing or unexpected:
-            raise ValueError(f"{self.dir} does not match params.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{self.dir} does not match params.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         for key, shape in self.shapes.items():
             if expected[key].shape != shape:
                 raise ValueError(

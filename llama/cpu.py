@@ -1,7 +1,7 @@
 """How a loaded Transformer runs in bf16 on the CPU, chosen from outside the model (as
 llama.quantize is). PyTorch sends every bf16 matmul to oneDNN, whose matrix-vector product (a
 decode step) reads weights well below the memory's speed, and a decode step's small operators cost
-more than their arithmetic (bench/kernels.py measures both). llama.kernels' compiled ops do that
+more than their arithmetic (bench/kernels.py measures the products). llama.kernels' compiled ops do that
 work in one call each; Meta's modules, names and state stay:
 
 - GemvLinear (the build default): an nn.Linear sending inputs of up to GEMV_ROWS rows to the
@@ -22,8 +22,8 @@ from llama.kernels import compiled_kernels, kernel_can_run
 from llama.model import Attention, RMSNorm
 from llama.runtime import file_mappings, release_mapped
 
-# Up to this many rows the compiled GEMV beats oneDNN's GEMM on plain weights; with more, its
-# dot-product instructions are the limit (bench/kernels.py times both at 1, 4 and 8 rows).
+# Up to this many rows the compiled GEMV reads each weight once at the memory's speed; with more,
+# its dot-product instructions, not the memory, are the limit and oneDNN's GEMM is the better choice.
 GEMV_ROWS = 4
 
 
@@ -48,9 +48,9 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if 0 < rows <= GEMV_ROWS and self.bias is None and kernel_can_run(x, self.weight):
-            if (kernels := compiled_kernels()) is not None:
-                return kernels.gemv_bf16(x.contiguous(), self.weight)
+        kernels = compiled_kernels() if 0 < rows <= GEMV_ROWS and self.bias is None else None
+        if kernels is not None and kernel_can_run(x, self.weight):
+            return kernels.gemv_bf16(x.contiguous(), self.weight)
         return aten_linear(x, self.weight, self.bias) if rows == 1 else F.linear(x, self.weight, self.bias)
 
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import torch
 
-from llama import cpu
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
+from llama.cpu import onednn_bf16, use_kernels, weight_bytes
 from llama.decoding import Completions, Outputs, StreamEvent, decode_steps
 from llama.loading import BUILTIN_MODEL, load
 from llama.model import Transformer
@@ -59,16 +59,25 @@ class LLaMa:
             raise ValueError(f"quantize={quantize!r}: use one of {', '.join(SCHEMES)}, or None")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        if pack and not (device.type == "cpu" and dtype == torch.bfloat16 and cpu.onednn_bf16()):
+        if pack and not (device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16()):
             raise ValueError(f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels, not {dtype} on {device}")
         source = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
-        model, tokenizer = load(source, tokenizer_path, load_model=load_model, device=device, dtype=dtype,
-                                quantize=quantize, seed=seed, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        model, tokenizer = load(
+            source,
+            tokenizer_path,
+            load_model=load_model,
+            device=device,
+            dtype=dtype,
+            quantize=quantize,
+            seed=seed,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+        )
         if device.type == "cpu" and dtype == torch.bfloat16:  # pack=True anywhere else was refused above
-            cpu.use_kernels(model, pack)
+            use_kernels(model, pack)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
-        logger.info("built %s on %s in %s: %.1f MB of weights", source, device, dtype, cpu.weight_bytes(model) / 1e6)
+        logger.info("built %s on %s in %s: %.1f MB of weights", source, device, dtype, weight_bytes(model) / 1e6)
         return LLaMa(model, tokenizer, seed)
 
     def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:

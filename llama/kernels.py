@@ -44,7 +44,12 @@ def _build(target: Path) -> None:
         out = Path(tmp) / target.name
         includes = [f"-I{p}" for p in include_paths()]
         libraries = [f"-L{p}" for p in library_paths()] + ["-lc10", "-ltorch_cpu"]
-        subprocess.run(["c++", *FLAGS, *includes, str(SOURCE), "-o", str(out), *libraries], check=True, capture_output=True, text=True)
+        subprocess.run(
+            ["c++", *FLAGS, *includes, str(SOURCE), "-o", str(out), *libraries],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         os.replace(out, target)
 
 
@@ -54,7 +59,9 @@ def compiled_kernels():
     VNNI or where no C++ compiler works."""
     missing = CPU_FLAGS - _cpu_flags()
     if missing:
-        logger.info("no AVX-512 BF16 kernels on this CPU (lacks %s): PyTorch's operators run", ", ".join(sorted(missing)))
+        logger.info(
+            "no AVX-512 BF16 kernels on this CPU (lacks %s): PyTorch's operators run", ", ".join(sorted(missing))
+        )
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-reference"

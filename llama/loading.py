@@ -73,7 +73,13 @@ def load_meta_folder(
     # Quantizing a shard that is used in place (mmap) keeps one float matrix resident at a time;
     # otherwise the float model is whole in memory first.
     in_place = quantize is not None and checkpoint.maps_in_place(dtype, device)
-    _check_fits(model, quantized_bytes(model, quantize) if in_place else weight_bytes(model), max_batch_size, max_seq_len, device)
+    _check_fits(
+        model,
+        quantized_bytes(model, quantize) if in_place else weight_bytes(model),
+        max_batch_size,
+        max_seq_len,
+        device,
+    )
     model.to_empty(device=device)
     checkpoint.load_into(model)
     return _quantized(model, quantize), tokenizer
@@ -163,7 +169,11 @@ def preset_args(name: str) -> ModelArgs:
 
 
 def _tokenizer(
-    args: ModelArgs, path: Path, tokenizer_path: str | os.PathLike | None, proto: bytes | None = None, required: bool = True
+    args: ModelArgs,
+    path: Path,
+    tokenizer_path: str | os.PathLike | None,
+    proto: bytes | None = None,
+    required: bool = True,
 ) -> Tokenizer | None:
     """The tokenizer (given, in a GGUF file, or beside the folder); params.json's vocab_size -1 is
     resolved from it, and any other size must be its size."""

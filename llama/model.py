@@ -65,7 +65,12 @@ class ModelArgs:
 
 # Llama 3.1's RoPE scaling constants (Meta's, "obtained from grid search"), under the names Hugging
 # Face configs give them: apply_scaling reads them, llama.convert.hf writes them.
-LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_ROPE_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 class RMSNorm(nn.Module):
@@ -168,7 +173,11 @@ class Attention(nn.Module):
         """softmax(q k^T / sqrt(D) + mask) v: [B, H, T, D] over keys and values [B, Hkv, S, D]."""
         # each group of n_heads / n_kv_heads query heads shares one kv head (GQA)
         return F.scaled_dot_product_attention(
-            xq, keys, values, attn_mask=mask, is_causal=mask is None and xq.shape[2] > 1,
+            xq,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None and xq.shape[2] > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
 
@@ -209,8 +218,10 @@ class Transformer(nn.Module):
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
         # Left uninitialized, as Meta's ParallelEmbedding is (init_weights() or a checkpoint fills
-        # it): nn.Embedding's own normal_ on the meta device would import torch's compiler (~1 s).
-        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim, _weight=torch.empty(params.vocab_size, params.dim))
+        # it): nn.Embedding's own normal_ on the meta device would import torch's compiler, which takes seconds.
+        self.tok_embeddings = nn.Embedding(
+            params.vocab_size, params.dim, _weight=torch.empty(params.vocab_size, params.dim)
+        )
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)

@@ -74,7 +74,9 @@ def quantized_bytes(model: Transformer, scheme: str, group_size: int = 64) -> in
     return total
 
 
-def save_quantized(model: Transformer, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> Path:
+def save_quantized(
+    model: Transformer, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
+) -> Path:
     """A folder that loads without quantizing again: params.json, quantization.json and one
     consolidated.00.pth of quantized tensors (not Meta's layout, so never split into shards),
     the tokenizer, and checklist.chk over all of them."""

@@ -59,7 +59,9 @@ class QuantizedLinear(nn.Module):
         self.scale_dtype = torch.bfloat16 if self.kernel_layout else scale_dtype
         self._torch_copy: tuple[torch.Tensor, ...] | None = None  # torch's own layout, made on first use
         if self.kernel_layout:
-            self.register_buffer("blocks", torch.zeros(-(-out_features // BLOCK_ROWS), *self._block_shape(), dtype=torch.uint8))
+            self.register_buffer(
+                "blocks", torch.zeros(-(-out_features // BLOCK_ROWS), *self._block_shape(), dtype=torch.uint8)
+            )
         else:
             for name, (shape, dtype) in self._portable_spec().items():
                 self.register_buffer(name, torch.zeros(shape, dtype=dtype))
@@ -94,8 +96,10 @@ class QuantizedLinear(nn.Module):
                 self._buffers[name][self._rows(name, rows)] = value.to(self._buffers[name].dtype)
         else:
             pad = -portable["weight"].shape[0] % BLOCK_ROWS  # rows past out_features: zeros
-            padded = {name: F.pad(value.to(self.blocks.device), (0, pad) if value.dim() == 1 else (0, 0, 0, pad))
-                      for name, value in portable.items()}  # fmt: skip
+            padded = {
+                name: F.pad(value.to(self.blocks.device), (0, pad) if value.dim() == 1 else (0, 0, 0, pad))
+                for name, value in portable.items()
+            }
             packed = self._pack(**padded)
             self.blocks[first_row // BLOCK_ROWS :][: packed.shape[0]] = packed
         self._torch_copy = None
@@ -143,7 +147,13 @@ class Int8Linear(QuantizedLinear):
 
     PORTABLE = ("weight", "scales")
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, kernel_layout: bool | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype = torch.bfloat16,
+        kernel_layout: bool | None = None,
+    ):
         self.padded_in = -(-in_features // INT8_GROUP) * INT8_GROUP
         super().__init__(in_features, out_features, kernel_layout, dtype)
 
@@ -151,22 +161,29 @@ class Int8Linear(QuantizedLinear):
         return (BLOCK_ROWS * 2 + BLOCK_ROWS * self.padded_in,)
 
     def _portable_spec(self):
-        return {"weight": ((self.out_features, self.in_features), torch.int8),
-                "scales": ((self.out_features,), self.scale_dtype)}  # fmt: skip
+        return {
+            "weight": ((self.out_features, self.in_features), torch.int8),
+            "scales": ((self.out_features,), self.scale_dtype),
+        }
 
     def _pack(self, weight, scales):
         n_blocks = weight.shape[0] // BLOCK_ROWS
         u = F.pad(weight.view(torch.uint8) ^ 128, (0, self.padded_in - self.in_features))  # q + 128
         # 4 inputs of a row are one int32: the layout is a permutation of those
         u = u.view(torch.int32).reshape(n_blocks, BLOCK_ROWS // 16, 16, -1).permute(0, 3, 1, 2).contiguous()
-        return torch.cat([scales.bfloat16().reshape(n_blocks, BLOCK_ROWS).view(torch.uint8), u.view(torch.uint8).flatten(1)], dim=1)
+        return torch.cat(
+            [scales.bfloat16().reshape(n_blocks, BLOCK_ROWS).view(torch.uint8), u.view(torch.uint8).flatten(1)], dim=1
+        )
 
     def _unpack(self):
         n_blocks = self.blocks.shape[0]
         scales = self.blocks[:, : BLOCK_ROWS * 2].contiguous().view(torch.bfloat16).flatten()
         u = self.blocks[:, BLOCK_ROWS * 2 :].contiguous().view(torch.int32).reshape(n_blocks, -1, BLOCK_ROWS // 16, 16)
         weight = u.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(n_blocks * BLOCK_ROWS, -1) ^ 128
-        return {"weight": weight.view(torch.int8)[: self.out_features, : self.in_features], "scales": scales[: self.out_features]}
+        return {
+            "weight": weight.view(torch.int8)[: self.out_features, : self.in_features],
+            "scales": scales[: self.out_features],
+        }
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         weight, scales = self.portable().values()
@@ -178,8 +195,11 @@ class Int8Linear(QuantizedLinear):
             # Round with the scales as stored, so dequantizing is exact to half a step.
             block = w[rows].float()
             scales = (block.abs().amax(dim=1).clamp(min=1e-8) / 127).to(self.scale_dtype)
-            self._store(rows.start, weight=torch.round(block / scales.float()[:, None]).clamp(-127, 127).to(torch.int8),
-                        scales=scales)  # fmt: skip
+            self._store(
+                rows.start,
+                weight=torch.round(block / scales.float()[:, None]).clamp(-127, 127).to(torch.int8),
+                scales=scales,
+            )
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,8 +225,14 @@ class Int4Linear(QuantizedLinear):
 
     PORTABLE = ("weight", "scales_and_zeros")
 
-    def __init__(self, in_features: int, out_features: int, group_size: int = 64, dtype: torch.dtype = torch.bfloat16,
-                 kernel_layout: bool | None = None):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int = 64,
+        dtype: torch.dtype = torch.bfloat16,
+        kernel_layout: bool | None = None,
+    ):
         if in_features % group_size:
             fits = [g for g in GROUP_SIZES if in_features % g == 0]
             fix = f"make_quantized(model, 'int4', group_size={fits[-1]})" if fits else "int8"
@@ -221,8 +247,10 @@ class Int4Linear(QuantizedLinear):
 
     def _portable_spec(self):
         groups = self.in_features // self.group_size
-        return {"weight": ((self.out_features, self.in_features // 2), torch.uint8),
-                "scales_and_zeros": ((groups, self.out_features, 2), self.scale_dtype)}  # fmt: skip
+        return {
+            "weight": ((self.out_features, self.in_features // 2), torch.uint8),
+            "scales_and_zeros": ((groups, self.out_features, 2), self.scale_dtype),
+        }
 
     def _rows(self, name, rows):
         return (slice(None), rows) if name == "scales_and_zeros" else rows
@@ -261,7 +289,9 @@ class Int4Linear(QuantizedLinear):
         for rows in _row_blocks(w, multiple=BLOCK_ROWS):
             groups = w[rows].float().reshape(-1, self.in_features // self.group_size, self.group_size)
             lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-            scales = ((hi - lo).clamp(min=1e-8) / 15).to(self.scale_dtype).float()  # round with scale and zero as stored
+            scales = (
+                ((hi - lo).clamp(min=1e-8) / 15).to(self.scale_dtype).float()
+            )  # round with scale and zero as stored
             zeros = (lo + 8 * scales).to(self.scale_dtype).float()
             q = torch.round((groups - zeros) / scales + 8).clamp(0, 15).to(torch.uint8).flatten(1)
             pairs = torch.stack([scales, zeros], dim=-1).squeeze(2).transpose(0, 1)

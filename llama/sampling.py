@@ -49,7 +49,9 @@ class Sampler:
         if not self.temperature >= 0:
             raise ValueError(f"temperature={self.temperature}: use 0 for greedy decoding or a positive value")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} is outside (0, 1]: 1 disables nucleus sampling, Meta's default is 0.9")
+            raise ValueError(
+                f"top_p={self.top_p} is outside (0, 1]: 1 disables nucleus sampling, Meta's default is 0.9"
+            )
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k={self.top_k!r}: use a positive int, or None to keep every token")
         if not self.repetition_penalty > 0:

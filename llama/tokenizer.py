@@ -34,7 +34,9 @@ class Tokenizer:
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
-        logger.info("tokenizer %s: %d words, BOS %d, EOS %d, PAD %d", path, self.n_words, self.bos_id, self.eos_id, self.pad_id)
+        logger.info(
+            "tokenizer %s: %d words, BOS %d, EOS %d, PAD %d", path, self.n_words, self.bos_id, self.eos_id, self.pad_id
+        )
         assert self.sp_model.vocab_size() == self.sp_model.GetPieceSize()
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:

@@ -44,12 +44,24 @@ def train_tokenizer(text: str, vocab_size: int) -> bytes:
     is s for any s: identity normalization, spaces and newlines kept, unseen bytes as byte pieces."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines(keepends=True)), model_writer=buf, vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        sentence_iterator=iter(text.splitlines(keepends=True)),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
         # No leading "▁" on the first word: "ROMEO:" is then the same pieces as a line of the text.
-        add_dummy_prefix=False, num_threads=1, minloglevel=2,
-    )  # fmt: skip
+        add_dummy_prefix=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     return buf.getvalue()
 
 

@@ -59,19 +59,36 @@ def main(
     train_ids, val_ids = encode_exactly(tokenizer, text[:split]), encode_exactly(tokenizer, text[split:])
     print(f"{len(text):,} characters: {len(train_ids):,} train and {len(val_ids):,} validation tokens")
 
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                     vocab_size=tokenizer.n_words, multiple_of=multiple_of)  # fmt: skip
+    args = ModelArgs(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=tokenizer.n_words,
+        multiple_of=multiple_of,
+    )
     model = Transformer(args)
     model.init_weights(torch.Generator().manual_seed(seed))
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, FFN hidden size {args.ffn_hidden_dim}")
-    config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, min_lr=lr / 10,
-                         warmup=min(100, steps // 10), eval_every=eval_every, bos_id=tokenizer.bos_id,
-                         bf16=bf16, seed=seed)  # fmt: skip
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup=min(100, steps // 10),
+        eval_every=eval_every,
+        bos_id=tokenizer.bos_id,
+        bf16=bf16,
+        seed=seed,
+    )
     start = time.perf_counter()
     history = train(model, train_ids, val_ids, config)
     final = history[-1]
-    print(f"trained {steps} steps in {time.perf_counter() - start:.0f}s: "
-          f"train loss {final['train_loss']:.4f}, validation loss {final['val_loss']:.4f}")  # fmt: skip
+    print(
+        f"trained {steps} steps in {time.perf_counter() - start:.0f}s: "
+        f"train loss {final['train_loss']:.4f}, validation loss {final['val_loss']:.4f}"
+    )
 
     state_dict = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     out = save_checkpoint(state_dict, args, out_dir, n_shards=2)

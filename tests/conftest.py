@@ -31,9 +31,15 @@ def train_sentencepiece(path: Path, lines: list[str], vocab_size: int, **options
     """A BPE model trained in-process, by default with Meta's special ids (unk 0, bos 1, eos 2)."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, minloglevel=2, num_threads=1, **options,
-    )  # fmt: skip
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        minloglevel=2,
+        num_threads=1,
+        **options,
+    )
     path.write_bytes(buf.getvalue())
     return path
 
@@ -93,9 +99,14 @@ def meta_split(sd: dict[str, torch.Tensor], n: int, vocab_parallel_embedding: bo
 
 
 def write_checkpoint(
-    folder: Path, params: dict, n_shards: int = 1, seed: int = 0, rope_freqs: bool = False,
-    vocab_parallel_embedding: bool = False, dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+    folder: Path,
+    params: dict,
+    n_shards: int = 1,
+    seed: int = 0,
+    rope_freqs: bool = False,
+    vocab_parallel_embedding: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """Write params.json and n_shards consolidated.NN.pth into folder; return the full weights."""
     folder.mkdir(parents=True, exist_ok=True)
     sd = random_state_dict(params, seed)

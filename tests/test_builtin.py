@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from conftest import meta_split
+
 from llama import LLaMa, Tokenizer
 from llama.loading import BUILTIN_MODEL
 from llama.model import ModelArgs
@@ -64,7 +64,12 @@ def test_completions_look_like_a_play():
 
 
 def test_inference_py_with_no_arguments_runs_the_built_in_model():
-    r = subprocess.run([sys.executable, str(ROOT / "inference.py")], capture_output=True, text=True, timeout=120,
-                       stdin=subprocess.DEVNULL)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "inference.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("==================================") == 4 and "ROMEO:\n\n> " in r.stdout

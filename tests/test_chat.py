@@ -1,8 +1,8 @@
 """Llama 2's chat format, id for id, against ids derived by hand from the format's definition."""
 
 import pytest
-
 from conftest import MHA, needs_shared
+
 from llama import LLaMa, Tokenizer
 from llama.chat import UNSAFE_ERROR, check_dialog, encode_dialog
 
@@ -35,11 +35,17 @@ def test_one_turn_with_system(tok):
 
 
 def test_two_and_three_turns(tok):
-    two = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello! "},
-           {"role": "user", "content": "How are you?"}]  # fmt: skip
+    two = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": " Hello! "},
+        {"role": "user", "content": "How are you?"},
+    ]
     assert encode_dialog(tok, two) == by_hand(tok, ["[INST] Hi [/INST] Hello! "], "[INST] How are you? [/INST]")
-    three = [{"role": "system", "content": "Be brief."}] + two + [
-        {"role": "assistant", "content": "Fine."}, {"role": "user", "content": "Bye"}]  # fmt: skip
+    three = (
+        [{"role": "system", "content": "Be brief."}]
+        + two
+        + [{"role": "assistant", "content": "Fine."}, {"role": "user", "content": "Bye"}]
+    )
     assert encode_dialog(tok, three) == by_hand(
         tok,
         ["[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! ", "[INST] How are you? [/INST] Fine. "],

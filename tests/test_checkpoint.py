@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import GQA, MHA, THETA
+
 from llama import LLaMa
 from llama.checkpoint import MetaCheckpoint, save_checkpoint
 from llama.model import ModelArgs, Transformer
@@ -49,7 +49,12 @@ def test_save_checkpoint_round_trips_and_writes_checklist(tmp_path, make_ckpt):
     folder, sd = make_ckpt(GQA, 1)
     args = ModelArgs.from_params(json.loads((folder / "params.json").read_text()))
     out = save_checkpoint(sd, args, tmp_path / "saved", n_shards=2)
-    assert sorted(p.name for p in out.iterdir()) == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checklist.chk",
+        "consolidated.00.pth",
+        "consolidated.01.pth",
+        "params.json",
+    ]
     assert torch.load(out / "consolidated.00.pth")["tok_embeddings.weight"].shape == (96, 32)  # Llama 2 split
     merged = MetaCheckpoint(out)
     model = Transformer(merged.args)
@@ -119,7 +124,9 @@ def test_weight_that_does_not_match_params_names_key_and_shapes(make_ckpt):
     folder, _ = make_ckpt(MHA, 1)
     params = json.loads((folder / "params.json").read_text())
     (folder / "params.json").write_text(json.dumps(dict(params, multiple_of=100)))
-    with pytest.raises(ValueError, match=r"feed_forward.w1.weight: the checkpoint's shape is \(192, 64\) .* \(200, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"feed_forward.w1.weight: the checkpoint's shape is \(192, 64\) .* \(200, 64\)"
+    ):
         LLaMa.build(folder)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import GQA, MHA, THETA, corpus, needs_shared, random_state_dict, train_sentencepiece, write_checkpoint
+
 from llama.checkpoint import md5
 from llama.convert.gguf import gguf_to_meta_folder, meta_folder_to_gguf, read_gguf, write_gguf
 from llama.convert.hf import permute_rope
@@ -103,8 +103,16 @@ def test_logits_equal_llama_cpp_on_the_same_file(make_ckpt, tmp_path, params):
     folder, original = make_ckpt(params)
     path = meta_folder_to_gguf(folder, tmp_path / "model.gguf", "F32")
     # A float32 KV cache, so that llama.cpp's only differences are its kernels.
-    theirs = llama_cpp.Llama(str(path), n_ctx=32, n_batch=32, n_threads=1, logits_all=True, verbose=False,
-                             type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # fmt: skip
+    theirs = llama_cpp.Llama(
+        str(path),
+        n_ctx=32,
+        n_batch=32,
+        n_threads=1,
+        logits_all=True,
+        verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
     tokens = torch.randint(0, params["vocab_size"], (16,), generator=torch.Generator().manual_seed(1))
     theirs.eval(tokens.tolist())
     expected = torch.from_numpy(np.array(theirs.scores[: len(tokens)]))
@@ -153,9 +161,14 @@ def test_tokenizer_from_gguf_equals_the_in_process_ones(sp_model_path, tmp_path)
 def test_tokenizer_from_gguf_equals_a_llama_style_one(tmp_path):
     """Llama's options: byte fallback, no normalization, spaces kept; plus a user-defined piece."""
     path = train_sentencepiece(
-        tmp_path / "llama-style.model", corpus(), 320, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, user_defined_symbols=["<tool>"],
-    )  # fmt: skip
+        tmp_path / "llama-style.model",
+        corpus(),
+        320,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        user_defined_symbols=["<tool>"],
+    )
     original, rebuilt = tokenizer_round_trip(path, tmp_path)
     assert_same_tokenizer(original, rebuilt)
     assert rebuilt.sp_model.encode("🦙") == original.sp_model.encode("🦙") != [rebuilt.sp_model.unk_id()]
@@ -184,7 +197,9 @@ def test_build_takes_a_gguf_file_alone(make_ckpt, tmp_path):
     gguf_file = meta_folder_to_gguf(folder, tmp_path / "alone" / "model.gguf", "F32")
     prompts = ["the king", "gold and silver"]
     runs = [
-        LLaMa.build(path, dtype="float32", max_seq_len=32, max_batch_size=2).text_completion(prompts, temperature=0, max_gen_len=6)
+        LLaMa.build(path, dtype="float32", max_seq_len=32, max_batch_size=2).text_completion(
+            prompts, temperature=0, max_gen_len=6
+        )
         for path in (folder, gguf_file)  # the GGUF's own vocabulary is the tokenizer: nothing beside it
     ]
     assert runs[0] == runs[1] and list(gguf_file.parent.iterdir()) == [gguf_file]
@@ -250,12 +265,21 @@ def test_cli_round_trip(tmp_path, sp_model_path):
     original = write_checkpoint(tmp_path / "meta", GQA, n_shards=2)
     (tmp_path / "tokenizer.model").write_bytes(sp_model_path.read_bytes())  # Meta's parent-folder layout
     run = [sys.executable, "-m", "llama.convert.gguf"]
-    subprocess.run([*run, "from_meta", tmp_path / "meta", tmp_path / "m.gguf", "--type", "F32"], cwd=REPO, check=True,
-                   capture_output=True)  # fmt: skip
-    subprocess.run([*run, "to_meta", tmp_path / "m.gguf", tmp_path / "back", "--n_shards", "2", "--dtype", "fp32"],
-                   cwd=REPO, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*run, "from_meta", tmp_path / "meta", tmp_path / "m.gguf", "--type", "F32"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*run, "to_meta", tmp_path / "m.gguf", tmp_path / "back", "--n_shards", "2", "--dtype", "fp32"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     merged = LLaMa.build(tmp_path / "back", device="cpu", dtype="float32", max_seq_len=8, max_batch_size=1).model
     assert all(torch.equal(merged.state_dict()[k], w) for k, w in original.items())
-    failed = subprocess.run([*run, "to_meta", tmp_path / "meta" / "params.json", tmp_path / "x"], cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
+    failed = subprocess.run(
+        [*run, "to_meta", tmp_path / "meta" / "params.json", tmp_path / "x"], cwd=REPO, capture_output=True, text=True
+    )
     assert failed.returncode == 1 and "error: cannot read" in failed.stderr

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import GQA, MHA, THETA, write_checkpoint
+
 from llama.convert.hf import config_to_args, ffn_params, hf_folder_to_meta, meta_folder_to_hf, permute_rope
 from llama.generation import LLaMa
 from llama.model import ModelArgs
@@ -16,8 +16,14 @@ from llama.model import ModelArgs
 pytest.importorskip("safetensors")
 REPO = Path(__file__).resolve().parents[1]
 SCALED = dict(THETA, rope_theta=5e5, use_scaled_rope=True, dim=256, n_heads=2, n_kv_heads=1)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 5e5,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def our_model(folder: Path):
@@ -55,7 +61,10 @@ def test_transformers_loads_our_export_with_equal_logits(make_ckpt, tmp_path, pa
     folder, _ = make_ckpt(params, n_shards)
     hf = meta_folder_to_hf(folder, tmp_path / "hf")
     theirs = transformers.LlamaForCausalLM.from_pretrained(
-        hf, torch_dtype=torch.float32, attn_implementation="eager", local_files_only=True  # a folder written here
+        hf,
+        torch_dtype=torch.float32,
+        attn_implementation="eager",
+        local_files_only=True,  # a folder written here
     )
     x = tokens(params["vocab_size"])
     with torch.no_grad():
@@ -81,12 +90,24 @@ def hf_checkpoint(folder: Path, tokenizer: Path, max_shard_size: str | None = No
 
 
 HF_CASES = {
-    "gqa-sharded": dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
-                        rope_theta=1e6, max_shard_size="40KB"),
+    "gqa-sharded": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=1e6,
+        max_shard_size="40KB",
+    ),
     "tied": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, tie_word_embeddings=True),
-    "llama3.1-rope": dict(hidden_size=256, intermediate_size=704, num_attention_heads=2, num_key_value_heads=1,
-                          rope_parameters=LLAMA3_ROPE, max_position_embeddings=131072),
-}  # fmt: skip
+    "llama3.1-rope": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_parameters=LLAMA3_ROPE,
+        max_position_embeddings=131072,
+    ),
+}
 
 
 @pytest.mark.parametrize("case", HF_CASES)
@@ -108,7 +129,7 @@ def test_hf_to_meta_gives_transformers_logits(tmp_path, sp_model_path, case):
 @pytest.mark.parametrize(
     "intermediate_size, dim",
     [(11008, 4096), (14336, 4096), (5632, 2048), (28672, 8192), (13824, 5120), (8640, 3200), (12345, 4096), (1, 64)],
-)  # fmt: skip
+)
 def test_intermediate_size_maps_to_params_that_reproduce_it(intermediate_size, dim):
     assert ModelArgs(dim=dim, **ffn_params(intermediate_size, dim)).ffn_hidden_dim == intermediate_size
 
@@ -134,8 +155,15 @@ def test_rope_permutation_inverts_exactly():
 def test_missing_files_and_foreign_configs_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json in"):
         hf_folder_to_meta(tmp_path, tmp_path / "out")
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=160,
-                  num_hidden_layers=1, num_attention_heads=4, vocab_size=96)  # fmt: skip
+    config = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=96,
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="no model.*safetensors in"):
         hf_folder_to_meta(tmp_path, tmp_path / "out")
@@ -160,10 +188,15 @@ def test_cli_round_trip(tmp_path, sp_model_path):
     run = [sys.executable, "-m", "llama.convert.hf"]
     subprocess.run([*run, "to_hf", tmp_path / "meta", tmp_path / "hf"], cwd=REPO, check=True, capture_output=True)
     assert (tmp_path / "hf" / "tokenizer.model").is_file()
-    subprocess.run([*run, "to_meta", tmp_path / "hf", tmp_path / "back", "--n_shards", "2"], cwd=REPO, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*run, "to_meta", tmp_path / "hf", tmp_path / "back", "--n_shards", "2"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     for old, new in zip(shards(tmp_path / "meta"), shards(tmp_path / "back")):
         assert all(torch.equal(old[k], new[k]) for k in old)
-    failed = subprocess.run([*run, "to_meta", tmp_path / "nowhere", tmp_path / "x"], cwd=REPO, capture_output=True,
-                            text=True)  # fmt: skip
+    failed = subprocess.run(
+        [*run, "to_meta", tmp_path / "nowhere", tmp_path / "x"], cwd=REPO, capture_output=True, text=True
+    )
     assert failed.returncode == 1 and "error: no config.json in" in failed.stderr

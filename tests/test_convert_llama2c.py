@@ -6,19 +6,20 @@ position at a time, its own RoPE on pairs and its own GQA indexing), independent
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import needs_shared
+
 from llama.checkpoint import MetaCheckpoint
 from llama.convert.llama2c import llama2c_to_meta, read_llama2c
 from llama.model import Transformer
 
 
 def run_c_forward(path, tokens: list[int]) -> np.ndarray:
-    raw = open(path, "rb").read()
+    raw = Path(path).read_bytes()
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack_from("<7i", raw)
     hs, kv_dim, shared, vocab = dim // n_heads, dim // n_heads * n_kv, vocab > 0, abs(vocab)
     data, off = np.frombuffer(raw, np.float32, offset=28), 0
@@ -30,8 +31,18 @@ def run_c_forward(path, tokens: list[int]) -> np.ndarray:
         return data[off - n : off].reshape(shape)
 
     emb, rms_att = take(vocab, dim), take(n_layers, dim)
-    wq, wk, wv, wo = take(n_layers, dim, dim), take(n_layers, kv_dim, dim), take(n_layers, kv_dim, dim), take(n_layers, dim, dim)
-    rms_ffn, w1, w2, w3 = take(n_layers, dim), take(n_layers, hidden, dim), take(n_layers, dim, hidden), take(n_layers, hidden, dim)
+    wq, wk, wv, wo = (
+        take(n_layers, dim, dim),
+        take(n_layers, kv_dim, dim),
+        take(n_layers, kv_dim, dim),
+        take(n_layers, dim, dim),
+    )
+    rms_ffn, w1, w2, w3 = (
+        take(n_layers, dim),
+        take(n_layers, hidden, dim),
+        take(n_layers, dim, hidden),
+        take(n_layers, hidden, dim),
+    )
     rms_final = take(dim)
     take(seq_len, hs // 2), take(seq_len, hs // 2)
     wcls = emb if shared else take(vocab, dim)
@@ -54,7 +65,10 @@ def run_c_forward(path, tokens: list[int]) -> np.ndarray:
             att_out = np.zeros(dim)
             for h in range(n_heads):
                 kvh = h // (n_heads // n_kv)
-                keys, values = kc[layer, : pos + 1, kvh * hs : (kvh + 1) * hs], vc[layer, : pos + 1, kvh * hs : (kvh + 1) * hs]
+                keys, values = (
+                    kc[layer, : pos + 1, kvh * hs : (kvh + 1) * hs],
+                    vc[layer, : pos + 1, kvh * hs : (kvh + 1) * hs],
+                )
                 scores = keys @ q[h * hs : (h + 1) * hs] / np.sqrt(hs)
                 att = np.exp(scores - scores.max())
                 att_out[h * hs : (h + 1) * hs] = (att / att.sum()) @ values

@@ -10,11 +10,19 @@ import sys
 
 import pytest
 import torch
-
 from conftest import GQA
+
 from llama import LLaMa, cpu
-from llama.cpu import GemvLinear, KernelAttention, KernelRMSNorm, PackedLinear, onednn_bf16, pack_linears
-from llama.cpu import plain_modules, weight_bytes
+from llama.cpu import (
+    GemvLinear,
+    KernelAttention,
+    KernelRMSNorm,
+    PackedLinear,
+    onednn_bf16,
+    pack_linears,
+    plain_modules,
+    weight_bytes,
+)
 from llama.model import RMSNorm, apply_rotary_emb, precompute_freqs_cis
 from llama.runtime import release_mapped
 
@@ -72,8 +80,10 @@ def test_norm_and_rope_kernels_give_metas_numbers():
 
 
 @needs_kernels
-@pytest.mark.parametrize("heads,kv_heads,head_dim,positions", [(4, 4, 16, 1), (12, 12, 64, 37), (32, 4, 64, 200),
-                                                               (6, 2, 48, 17), (8, 8, 128, 64)])  # fmt: skip
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,positions",
+    [(4, 4, 16, 1), (12, 12, 64, 37), (32, 4, 64, 200), (6, 2, 48, 17), (8, 8, 128, 64)],
+)
 def test_one_query_attention_kernel_against_float64(heads, kv_heads, head_dim, positions):
     gen = torch.Generator().manual_seed(positions)
     cache_k = torch.randn(3, kv_heads, 256, head_dim, generator=gen).to(torch.bfloat16)  # [max B, Hkv, max S, D]

@@ -3,8 +3,8 @@ text_completion. Uses the real Llama 2 tokenizer where byte pieces and spaces ma
 
 import pytest
 import torch
-
 from conftest import GQA, needs_shared
+
 from llama import LLaMa, StreamEvent, Tokenizer
 from llama.tokenizer import StreamDecoder
 

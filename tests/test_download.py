@@ -193,6 +193,10 @@ def test_without_wget_or_curl_says_so(tmp_path):
         (bin_dir / tool).symlink_to(shutil.which(tool))
     result = subprocess.run(
         [str(bin_dir / "bash"), str(SCRIPT), "--url", "http://127.0.0.1:9/*", "--models", "7B"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, env={"PATH": str(bin_dir)}, timeout=10,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env={"PATH": str(bin_dir)},
+        timeout=10,
     )
     assert result.returncode != 0 and "neither wget nor curl is installed" in result.stderr

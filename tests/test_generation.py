@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import GQA, MHA
+
 from llama import Completions, LLaMa
 
 

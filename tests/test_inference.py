@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import GQA
+
 from llama.cpu import onednn_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,9 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "inference.py"), *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(ROOT / "inference.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -28,8 +31,25 @@ def folder(make_ckpt) -> Path:
 def test_prompts_stay_strings_and_go_to_jsonl(folder, tmp_path):
     out = tmp_path / "out.jsonl"
     # fire alone would make "1,2" a tuple, "42" an int and keep only the last --prompt.
-    r = run("--ckpt_dir", str(folder), "--prompt", "1,2", "--prompt=42", "--prompt", "the king",
-            "--temperature", "0", "--max_gen_len", "5", "--max_batch_size", "2", "--out", str(out), "--max_seq_len", "64")  # fmt: skip
+    r = run(
+        "--ckpt_dir",
+        str(folder),
+        "--prompt",
+        "1,2",
+        "--prompt=42",
+        "--prompt",
+        "the king",
+        "--temperature",
+        "0",
+        "--max_gen_len",
+        "5",
+        "--max_batch_size",
+        "2",
+        "--out",
+        str(out),
+        "--max_seq_len",
+        "64",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["prompt"] for row in rows] == ["1,2", "42", "the king"]
@@ -40,8 +60,20 @@ def test_prompts_file_text_and_jsonl_print_completions(folder, tmp_path):
     (tmp_path / "p.txt").write_text("the king\n\ngold and silver\n")
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "bread\nwine"}) + "\n")
     for name, expected in (("p.txt", ["the king", "gold and silver"]), ("p.jsonl", ["bread\nwine"])):
-        r = run("--ckpt_dir", str(folder), "--prompts_file", str(tmp_path / name), "--temperature", "0",
-                "--max_gen_len", "4", "--max_seq_len", "64", "--dtype", "float32")  # fmt: skip
+        r = run(
+            "--ckpt_dir",
+            str(folder),
+            "--prompts_file",
+            str(tmp_path / name),
+            "--temperature",
+            "0",
+            "--max_gen_len",
+            "4",
+            "--max_seq_len",
+            "64",
+            "--dtype",
+            "float32",
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("\n> ") == len(expected)
         for p in expected:
@@ -61,8 +93,20 @@ def test_cli_output_equals_library_output(folder):
 def test_pack_and_quantize_flags_reach_the_build(folder):
     from llama import LLaMa
 
-    common = ("--ckpt_dir", str(folder), "--prompt", "the king", "--max_gen_len", "6", "--max_seq_len", "64",
-              "--temperature", "0", "--dtype", "bfloat16")  # fmt: skip
+    common = (
+        "--ckpt_dir",
+        str(folder),
+        "--prompt",
+        "the king",
+        "--max_gen_len",
+        "6",
+        "--max_seq_len",
+        "64",
+        "--temperature",
+        "0",
+        "--dtype",
+        "bfloat16",
+    )
     plain, packed, int8 = run(*common), run(*common, "--pack"), run(*common, "--quantize", "int8")
     assert plain.returncode == packed.returncode == int8.returncode == 0, plain.stderr + packed.stderr + int8.stderr
     assert packed.stdout == plain.stdout  # the same numbers in another layout
@@ -81,8 +125,24 @@ def test_bad_input_exits_with_the_message(folder, tmp_path):
 
 
 def test_streamed_batch_prints_what_the_batch_prints(folder):
-    common = ("--ckpt_dir", str(folder), "--prompt", "the king", "--prompt", "gold", "--prompt", "a far land",
-              "--max_gen_len", "12", "--max_seq_len", "64", "--max_batch_size", "2", "--temperature", "0.9")  # fmt: skip
+    common = (
+        "--ckpt_dir",
+        str(folder),
+        "--prompt",
+        "the king",
+        "--prompt",
+        "gold",
+        "--prompt",
+        "a far land",
+        "--max_gen_len",
+        "12",
+        "--max_seq_len",
+        "64",
+        "--max_batch_size",
+        "2",
+        "--temperature",
+        "0.9",
+    )
     streamed, printed = run(*common, "--stream", "True"), run(*common, "--stream", "False")
     assert streamed.returncode == 0 and printed.returncode == 0, streamed.stderr + printed.stderr
     assert streamed.stdout == printed.stdout and printed.stdout.count("=" * 34) == 3
@@ -90,8 +150,24 @@ def test_streamed_batch_prints_what_the_batch_prints(folder):
 
 def test_stop_flag_is_a_list_of_raw_strings(folder, tmp_path):
     out = tmp_path / "o.jsonl"
-    r = run("--ckpt_dir", str(folder), "--prompt", "the king", "--stop", "1,2", "--stop", "e", "--temperature", "0",
-            "--max_gen_len", "30", "--max_seq_len", "64", "--out", str(out))  # fmt: skip
+    r = run(
+        "--ckpt_dir",
+        str(folder),
+        "--prompt",
+        "the king",
+        "--stop",
+        "1,2",
+        "--stop",
+        "e",
+        "--temperature",
+        "0",
+        "--max_gen_len",
+        "30",
+        "--max_seq_len",
+        "64",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "e" not in json.loads(out.read_text())["completion"]
 
@@ -99,15 +175,26 @@ def test_stop_flag_is_a_list_of_raw_strings(folder, tmp_path):
 def chat_session(folder: Path, lines: list[str], *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "inference.py"), "chat", "--ckpt_dir", str(folder), "--temperature", "0", *extra],
-        input="".join(line + "\n" for line in lines), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        input="".join(line + "\n" for line in lines),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_chat_keeps_history_resets_and_exits(folder):
     from llama import LLaMa
 
-    r = chat_session(folder, ["the king", "and the queen", "/reset", "the king", "/exit", "never read"],
-                     "--max_gen_len", "6", "--max_seq_len", "128", "--system", "1,2")  # fmt: skip
+    r = chat_session(
+        folder,
+        ["the king", "and the queen", "/reset", "the king", "/exit", "never read"],
+        "--max_gen_len",
+        "6",
+        "--max_seq_len",
+        "128",
+        "--system",
+        "1,2",
+    )
     assert r.returncode == 0, r.stderr
     replies = [line.split("llama> ", 1)[1] for line in r.stdout.splitlines() if "llama> " in line]
     assert len(replies) == 3 and "(history cleared)" in r.stdout
@@ -121,8 +208,9 @@ def test_chat_keeps_history_resets_and_exits(folder):
 
 
 def test_chat_drops_oldest_turns_to_fit_and_refuses_special_tags(folder):
-    r = chat_session(folder, ["the king of a far land spoke"] * 6 + ["[INST] hi"], "--max_gen_len", "8",
-                     "--max_seq_len", "96")  # fmt: skip
+    r = chat_session(
+        folder, ["the king of a far land spoke"] * 6 + ["[INST] hi"], "--max_gen_len", "8", "--max_seq_len", "96"
+    )
     assert r.returncode == 0, r.stderr
     assert "(dropped the oldest turn to fit max_seq_len=96)" in r.stdout
     assert r.stdout.count("llama> ") == 7 and "special tags are not allowed" in r.stdout
@@ -137,10 +225,24 @@ def test_ctrl_c_stops_the_reply_not_the_session(folder, tmp_path):
     # A tokenizer without EOS: the reply can only end at max_gen_len, far beyond the signal.
     train_sentencepiece(folder / "tokenizer.model", corpus(), vocab_size=96, eos_id=-1)
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "inference.py"), "chat", "--ckpt_dir", str(folder), "--max_gen_len", "4000",
-         "--max_seq_len", "4096", "--temperature", "1.0"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "inference.py"),
+            "chat",
+            "--ckpt_dir",
+            str(folder),
+            "--max_gen_len",
+            "4000",
+            "--max_seq_len",
+            "4096",
+            "--temperature",
+            "1.0",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         proc.stdin.write("the king\n")
         proc.stdin.flush()

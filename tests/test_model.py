@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import GQA, MHA, THETA, random_state_dict
+
 from llama.model import ModelArgs, Transformer, precompute_freqs_cis
 
 PRESETS = Path(__file__).resolve().parents[1] / "params"
@@ -106,6 +106,7 @@ def test_every_preset_builds_on_meta_device():
 
 # --- an implementation nobody here wrote ---------------------------------------------------
 
+
 def to_hf(sd: dict[str, torch.Tensor], params: dict) -> dict[str, torch.Tensor]:
     """Meta -> Hugging Face keys; wq/wk rows go from interleaved pairs to half-split RoPE order."""
     n_heads = params["n_heads"]
@@ -115,8 +116,11 @@ def to_hf(sd: dict[str, torch.Tensor], params: dict) -> dict[str, torch.Tensor]:
         rows, cols = w.shape
         return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["output.weight"]}  # fmt: skip
+    out = {
+        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
+        "model.norm.weight": sd["norm.weight"],
+        "lm_head.weight": sd["output.weight"],
+    }
     for i in range(params["n_layers"]):
         m, h = f"layers.{i}.", f"model.layers.{i}."
         out[h + "self_attn.q_proj.weight"] = permute(sd[m + "attention.wq.weight"], n_heads)
@@ -135,15 +139,27 @@ def hf_model(sd: dict[str, torch.Tensor], params: dict):
     transformers = pytest.importorskip("transformers")
     args = ModelArgs.from_params(params)
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
-        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, max_position_embeddings=64,
-        tie_word_embeddings=False, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.kv_heads,
+        rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     if args.use_scaled_rope:  # Llama 3.1's scaling, as transformers names it
-        config.rope_parameters = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": 8.0,
-                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 8192}  # fmt: skip
+        config.rope_parameters = {
+            "rope_type": "llama3",
+            "rope_theta": args.rope_theta,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(to_hf(sd, params), strict=True)
     return model.eval()

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import GQA, write_checkpoint
+
 from llama import LLaMa
 from llama.quantize import make_quantized, save_quantized
 
@@ -52,28 +52,38 @@ def test_quantized_bf16_batches_decode(make_ckpt, scheme):
 
 def test_a_quantized_folder_that_does_not_fit_its_params_names_the_file(make_ckpt, tmp_path):
     folder, _ = make_ckpt(dict(GQA, multiple_of=64), 1)
-    out = save_quantized(LLaMa.build(folder, max_seq_len=8, quantize="int4").model, tmp_path / "q", folder / "tokenizer.model")
+    out = save_quantized(
+        LLaMa.build(folder, max_seq_len=8, quantize="int4").model, tmp_path / "q", folder / "tokenizer.model"
+    )
     state = torch.load(out / "consolidated.00.pth", weights_only=True)
     state["layers.0.feed_forward.w2.weight"] = state["layers.0.feed_forward.w2.weight"][:, :-1]
     del state["layers.1.attention.wq.scales_and_zeros"]
     torch.save(state, out / "consolidated.00.pth")
     with pytest.raises(ValueError, match=r"consolidated.00.pth does not match .*int4") as e:
         LLaMa.build(out, max_seq_len=8)
-    assert "layers.0.feed_forward.w2.weight: shape" in str(e.value) and "layers.1.attention.wq.scales_and_zeros" in str(e.value)
+    assert "layers.0.feed_forward.w2.weight: shape" in str(e.value) and "layers.1.attention.wq.scales_and_zeros" in str(
+        e.value
+    )
 
 
 def test_bad_scheme_is_refused_before_loading(make_ckpt):
     folder, _ = make_ckpt(GQA, 1)
     with pytest.raises(ValueError, match="quantize='int3': use one of int8, int4"):
         LLaMa.build(folder, quantize="int3")
-    with pytest.raises(ValueError, match="group_size=48 does not divide in_features=64: use make_quantized.*group_size=64"):
+    with pytest.raises(
+        ValueError, match="group_size=48 does not divide in_features=64: use make_quantized.*group_size=64"
+    ):
         make_quantized(LLaMa.build(folder, max_seq_len=8).model, "int4", group_size=48)
 
 
 def test_quantize_command_writes_a_folder_that_checks_out(make_ckpt, tmp_path):
     folder, _ = make_ckpt(GQA, 2)
-    r = subprocess.run([sys.executable, "-m", "llama.convert.quantized", str(folder), str(tmp_path / "q8")],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "llama.convert.quantized", str(folder), str(tmp_path / "q8")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=tmp_path / "q8", capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(": OK") == 4
@@ -107,8 +117,13 @@ def test_quantizing_a_mapped_shard_never_holds_the_float_model(tmp_path, sp_mode
     # glibc may keep the quantizer's freed temporaries on its heap, which moves the peak from run
     # to run; a fixed mmap threshold hands them back at once, so the peak is what the code holds.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    r = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / "m"), str(sp_model_path)],
-                       capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", PEAK, str(tmp_path / "m"), str(sp_model_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["weights"] < 0.55 * bf16_bytes

@@ -59,8 +59,11 @@ def test_both_layouts_hold_the_same_weights(scheme):
     """The kernels' layout and the portable one: same state_dict, same dequantized weights, and
     each loads the other's state_dict."""
     w = random_linear(40, 128, seed=5)  # 40 rows: a partial last block of 32
-    make = (lambda kernel_layout: Int8Linear(128, 40, kernel_layout=kernel_layout)) if scheme == "int8" else \
-        (lambda kernel_layout: Int4Linear(128, 40, 32, kernel_layout=kernel_layout))  # fmt: skip
+    make = (
+        (lambda kernel_layout: Int8Linear(128, 40, kernel_layout=kernel_layout))
+        if scheme == "int8"
+        else (lambda kernel_layout: Int4Linear(128, 40, 32, kernel_layout=kernel_layout))
+    )
     kernel, portable = make(True).quantize_(w), make(False).quantize_(w)
     assert "blocks" in dict(kernel.named_buffers()) and "blocks" not in dict(portable.named_buffers())
     a, b = kernel.state_dict(), portable.state_dict()

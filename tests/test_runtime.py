@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import GQA
+
 from llama import LLaMa
 from llama.runtime import check_fits, resolve_device, resolve_dtype
 
@@ -15,8 +15,15 @@ def test_defaults_pick_cuda_fp16_else_cpu_bf16():
     assert resolve_dtype(None, torch.device("cuda")) == torch.float16
 
 
-@pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("float32", torch.float32),
-                                         ("torch.float16", torch.float16), (torch.float32, torch.float32)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        ("bf16", torch.bfloat16),
+        ("float32", torch.float32),
+        ("torch.float16", torch.float16),
+        (torch.float32, torch.float32),
+    ],
+)
 def test_dtype_names_and_objects(name, dtype):
     assert resolve_dtype(name, torch.device("cpu")) is dtype
 
@@ -36,7 +43,9 @@ def test_unknown_device_and_dtype_are_clear_errors():
 def test_a_cache_that_cannot_fit_is_refused_with_the_arithmetic(make_ckpt):
     folder, _ = make_ckpt(GQA, 1)
     # 2 layers x 2 (k, v) x 4 rows x 2 kv-heads x 16 dims x 2 bytes = 1 KiB per position.
-    with pytest.raises(ValueError, match=r"KV cache \(max_batch_size=4 x max_seq_len=1000000000\) 953.67 GiB.*Lower max_seq_len"):
+    with pytest.raises(
+        ValueError, match=r"KV cache \(max_batch_size=4 x max_seq_len=1000000000\) 953.67 GiB.*Lower max_seq_len"
+    ):
         LLaMa.build(folder, max_seq_len=10**9, max_batch_size=4)
     with pytest.raises(ValueError, match="must be at least 1"):
         LLaMa.build(folder, max_seq_len=0)

@@ -1,8 +1,8 @@
 """The tokenizer wrapper, on a model trained here and on the real Llama 2 tokenizer when present."""
 
 import pytest
-
 from conftest import needs_shared
+
 from llama import Tokenizer
 
 
@@ -39,6 +39,7 @@ def test_vocab_size_minus_one_takes_the_real_tokenizer_size(tmp_path):
     import json
 
     from conftest import write_checkpoint
+
     from llama import LLaMa
 
     real = needs_shared("tokenizer.model")

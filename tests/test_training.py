@@ -105,8 +105,20 @@ def test_script_writes_a_loadable_meta_folder(tmp_path):
     corpus = tmp_path / "play.txt"
     corpus.write_text("\n\n".join("\n".join(speech_lines(6, seed)) for seed in range(100)) + "\n")
     out = tmp_path / "model"
-    script.main(data=str(corpus), out_dir=str(out), vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                multiple_of=16, steps=3, batch_size=2, seq_len=32, eval_every=3)  # fmt: skip
+    script.main(
+        data=str(corpus),
+        out_dir=str(out),
+        vocab_size=320,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        multiple_of=16,
+        steps=3,
+        batch_size=2,
+        seq_len=32,
+        eval_every=3,
+    )
     names = sorted(p.name for p in out.iterdir())
     assert names == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
     check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=out, capture_output=True, text=True)

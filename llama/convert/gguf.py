@@ -186,8 +186,9 @@ def read_gguf(
     missing = sorted(expected.keys() - tensors.keys() - ({"output.weight"} if tied else set()))
     wrong = [f"{t.name} {_shape(t)}" for key, t in tensors.items() if _shape(t) != expected.get(key)]
     if missing or wrong:
-        raise ValueError(f"{path} does not match its own metadata: missing {missing[:5]}, unexpected or "
-                         f"misshapen {wrong[:5]}")  # fmt: skip
+        raise ValueError(
+            f"{path} does not match its own metadata: missing {missing[:5]}, unexpected or misshapen {wrong[:5]}"
+        )
     state_dict = {key: cast({key: _read_tensor(t, path)}, dtype)[key] for key, t in tensors.items()}
     if tied:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"].clone()  # Meta keeps two matrices
@@ -208,8 +209,10 @@ def _read_tensor(tensor: "gguf.ReaderTensor", path: Path) -> torch.Tensor:
     try:
         return torch.from_numpy(gguf.quants.dequantize(tensor.data, kind)).reshape(shape)
     except NotImplementedError:
-        raise ValueError(f"{path}: tensor {tensor.name} has type {kind.name}, which the gguf package cannot "
-                         "dequantize; re-quantize the model to a supported type such as Q8_0") from None  # fmt: skip
+        raise ValueError(
+            f"{path}: tensor {tensor.name} has type {kind.name}, which the gguf package cannot "
+            "dequantize; re-quantize the model to a supported type such as Q8_0"
+        ) from None
 
 
 def _float32(value: float) -> float:
@@ -218,8 +221,13 @@ def _float32(value: float) -> float:
 
 
 def _read_args(meta: dict, path: Path, vocab_size: int | None) -> ModelArgs:
-    keys = ("embedding_length", "block_count", "attention.head_count", "feed_forward_length",
-            "attention.layer_norm_rms_epsilon")  # fmt: skip
+    keys = (
+        "embedding_length",
+        "block_count",
+        "attention.head_count",
+        "feed_forward_length",
+        "attention.layer_norm_rms_epsilon",
+    )
     missing = [f"llama.{k}" for k in keys if f"llama.{k}" not in meta]
     if missing:
         raise ValueError(f"{path} lacks {missing}: a LLaMA GGUF file has them")
@@ -227,28 +235,34 @@ def _read_args(meta: dict, path: Path, vocab_size: int | None) -> ModelArgs:
     n_kv_heads = meta.get("llama.attention.head_count_kv", n_heads)
     head_dim = meta.get("llama.rope.dimension_count", dim // n_heads)
     if dim % n_heads or head_dim != dim // n_heads:
-        raise ValueError(f"{path}: rope dimension {head_dim} with embedding {dim} and {n_heads} heads; "
-                         "Meta's layout needs head_dim == dim / n_heads")  # fmt: skip
+        raise ValueError(
+            f"{path}: rope dimension {head_dim} with embedding {dim} and {n_heads} heads; "
+            "Meta's layout needs head_dim == dim / n_heads"
+        )
     scaling = meta.get("llama.rope.scaling.type", "none")
     if scaling != "none":
         raise ValueError(f"{path}: rope scaling {scaling!r} has no counterpart in Meta's params.json")
     hint = {k.removeprefix("meta."): meta.get(k) for k in FFN_KEYS}
     return ModelArgs(
-        dim=dim, n_layers=meta["llama.block_count"], n_heads=n_heads,
+        dim=dim,
+        n_layers=meta["llama.block_count"],
+        n_heads=n_heads,
         n_kv_heads=None if n_kv_heads == n_heads else n_kv_heads,
         vocab_size=len(meta["tokenizer.ggml.tokens"]) if vocab_size is None else vocab_size,
         **ffn_params(meta["llama.feed_forward_length"], dim, hint),
         norm_eps=_float32(meta["llama.attention.layer_norm_rms_epsilon"]),
         rope_theta=_float32(meta.get("llama.rope.freq_base", 10000.0)),
-    )  # fmt: skip
+    )
 
 
 def _read_vocab(meta: dict, path: Path) -> bytes:
     """A serialized SentencePiece ModelProto (a tokenizer.model) for the file's "llama" vocabulary."""
     model = meta.get("tokenizer.ggml.model")
     if model != "llama":
-        raise ValueError(f"{path} has a {model!r} vocabulary: only SentencePiece vocabularies ('llama', as in "
-                         "Llama 1/2 and Code Llama) can be written as a tokenizer.model")  # fmt: skip
+        raise ValueError(
+            f"{path} has a {model!r} vocabulary: only SentencePiece vocabularies ('llama', as in "
+            "Llama 1/2 and Code Llama) can be written as a tokenizer.model"
+        )
     gguf, pb = _gguf(), _sentencepiece_proto()
     proto = pb.ModelProto()
     tokens = meta["tokenizer.ggml.tokens"]

@@ -21,11 +21,16 @@ logger = logging.getLogger(__name__)
 
 TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {  # under layers.N. (Meta) and model.layers.N. (HF)
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}  # fmt: skip
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 HF_DROPPED = ("rotary_emb.inv_freq",)  # older HF saves store their rotation table; we compute it
 # Llama 3.1's frequency scaling (llama.model.apply_scaling), as transformers writes it.
 LLAMA3_ROPE = {"rope_type": "llama3", **LLAMA3_ROPE_SCALING}
@@ -82,8 +87,10 @@ def ffn_params(intermediate_size: int, dim: int, hint: dict | None = None) -> di
         args = ModelArgs(dim=dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
         if args.ffn_hidden_dim == intermediate_size:
             return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
-    raise ValueError(f"intermediate_size={intermediate_size!r} with dim={dim}: no multiple_of/ffn_dim_multiplier "
-                     "gives it (it must be a positive integer)")  # fmt: skip
+    raise ValueError(
+        f"intermediate_size={intermediate_size!r} with dim={dim}: no multiple_of/ffn_dim_multiplier "
+        "gives it (it must be a positive integer)"
+    )
 
 
 def config_to_args(config: dict) -> ModelArgs:
@@ -104,8 +111,10 @@ def config_to_args(config: dict) -> ModelArgs:
         raise ValueError(f"hidden_act={config['hidden_act']!r}: LLaMA's feed-forward is SwiGLU (silu)")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     if dim % n_heads or (config.get("head_dim") or dim // n_heads) != dim // n_heads:
-        raise ValueError(f"head_dim={config.get('head_dim')} with hidden_size={dim}, num_attention_heads={n_heads}: "
-                         "Meta's layout needs head_dim == hidden_size / num_attention_heads")  # fmt: skip
+        raise ValueError(
+            f"head_dim={config.get('head_dim')} with hidden_size={dim}, num_attention_heads={n_heads}: "
+            "Meta's layout needs head_dim == hidden_size / num_attention_heads"
+        )
 
     # transformers 5 keeps rope_theta and the scaling in rope_parameters; 4.x in rope_theta, rope_scaling.
     rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
@@ -117,11 +126,16 @@ def config_to_args(config: dict) -> ModelArgs:
     n_kv_heads = config.get("num_key_value_heads") or n_heads
     hint = {k: config[k] for k in ("multiple_of", "ffn_dim_multiplier") if config.get(k) is not None}
     return ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=None if n_kv_heads == n_heads else n_kv_heads, vocab_size=config["vocab_size"],
-        **ffn_params(config["intermediate_size"], dim, hint), norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=rope_theta, use_scaled_rope=scaled,
-    )  # fmt: skip
+        dim=dim,
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=None if n_kv_heads == n_heads else n_kv_heads,
+        vocab_size=config["vocab_size"],
+        **ffn_params(config["intermediate_size"], dim, hint),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        use_scaled_rope=scaled,
+    )
 
 
 def args_to_config(args: ModelArgs, vocab_size: int, dtype: torch.dtype) -> dict:
@@ -129,16 +143,28 @@ def args_to_config(args: ModelArgs, vocab_size: int, dtype: torch.dtype) -> dict
     rope = {**LLAMA3_ROPE, "rope_theta": args.rope_theta} if args.use_scaled_rope else None
     default_positions = 131072 if args.use_scaled_rope else 4096  # 3.1's, above its scaling's 8192
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": str(dtype).removeprefix("torch."),
-        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "vocab_size": vocab_size,
-        "rms_norm_eps": args.norm_eps, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "vocab_size": vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
         "rope_parameters": rope or {"rope_type": "default", "rope_theta": args.rope_theta},
-        "rope_theta": args.rope_theta, "rope_scaling": rope,  # what transformers 4 reads
+        "rope_theta": args.rope_theta,
+        "rope_scaling": rope,  # what transformers 4 reads
         "max_position_embeddings": args.extra.get("max_seq_len", default_positions),
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "multiple_of": args.multiple_of,  # Meta's own FFN sizing, so the way back is exact
-    }  # fmt: skip
+    }
     if args.ffn_dim_multiplier is not None:
         config["ffn_dim_multiplier"] = args.ffn_dim_multiplier
     return config

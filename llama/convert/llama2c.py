@@ -33,17 +33,27 @@ def read_llama2c(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Mode
         raise ValueError(f"{path} is too short for llama2.c's header ({len(raw)} bytes)")
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = HEADER.unpack_from(raw)
     if min(dim, hidden, n_layers, n_heads, n_kv_heads, seq_len) <= 0 or dim % n_heads or n_heads % n_kv_heads:
-        raise ValueError(f"{path}: header {dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len} is not a "
-                         "llama2.c version 0 model (a newer export starts with the magic 'ak42')")  # fmt: skip
+        raise ValueError(
+            f"{path}: header {dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len} is not a "
+            "llama2.c version 0 model (a newer export starts with the magic 'ak42')"
+        )
     shared, vocab = vocab > 0, abs(vocab)
     head_dim, kv_dim = dim // n_heads, dim // n_heads * n_kv_heads
     shapes = [  # run.c's order; the rope tables (seq_len x head_dim/2, twice) sit before wcls
-        ("tok_embeddings", (vocab, dim)), ("attention_norm", (n_layers, dim)),
-        ("wq", (n_layers, dim, dim)), ("wk", (n_layers, kv_dim, dim)), ("wv", (n_layers, kv_dim, dim)),
-        ("wo", (n_layers, dim, dim)), ("ffn_norm", (n_layers, dim)), ("w1", (n_layers, hidden, dim)),
-        ("w2", (n_layers, dim, hidden)), ("w3", (n_layers, hidden, dim)), ("norm", (dim,)),
-        ("rope", (2, seq_len, head_dim // 2)), ("output", (vocab, dim)),
-    ]  # fmt: skip
+        ("tok_embeddings", (vocab, dim)),
+        ("attention_norm", (n_layers, dim)),
+        ("wq", (n_layers, dim, dim)),
+        ("wk", (n_layers, kv_dim, dim)),
+        ("wv", (n_layers, kv_dim, dim)),
+        ("wo", (n_layers, dim, dim)),
+        ("ffn_norm", (n_layers, dim)),
+        ("w1", (n_layers, hidden, dim)),
+        ("w2", (n_layers, dim, hidden)),
+        ("w3", (n_layers, hidden, dim)),
+        ("norm", (dim,)),
+        ("rope", (2, seq_len, head_dim // 2)),
+        ("output", (vocab, dim)),
+    ]
     if shared:
         shapes.pop()
     need = HEADER.size + 4 * sum(int(np.prod(s)) for _, s in shapes)
@@ -54,15 +64,33 @@ def read_llama2c(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Mode
         count = int(np.prod(shape))
         arrays[name] = torch.from_numpy(np.frombuffer(raw, np.float32, count, offset).reshape(shape).copy())
         offset += 4 * count
-    sd = {"tok_embeddings.weight": arrays["tok_embeddings"], "norm.weight": arrays["norm"],
-          "output.weight": arrays["tok_embeddings" if shared else "output"].clone()}  # fmt: skip
+    sd = {
+        "tok_embeddings.weight": arrays["tok_embeddings"],
+        "norm.weight": arrays["norm"],
+        "output.weight": arrays["tok_embeddings" if shared else "output"].clone(),
+    }
     for i in range(n_layers):
-        for name, key in (("attention_norm", "attention_norm"), ("ffn_norm", "ffn_norm"), ("wq", "attention.wq"),
-                          ("wk", "attention.wk"), ("wv", "attention.wv"), ("wo", "attention.wo"),
-                          ("w1", "feed_forward.w1"), ("w2", "feed_forward.w2"), ("w3", "feed_forward.w3")):  # fmt: skip
+        for name, key in (
+            ("attention_norm", "attention_norm"),
+            ("ffn_norm", "ffn_norm"),
+            ("wq", "attention.wq"),
+            ("wk", "attention.wk"),
+            ("wv", "attention.wv"),
+            ("wo", "attention.wo"),
+            ("w1", "feed_forward.w1"),
+            ("w2", "feed_forward.w2"),
+            ("w3", "feed_forward.w3"),
+        ):
             sd[f"layers.{i}.{key}.weight"] = arrays[name][i]
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads if n_kv_heads != n_heads else None,
-                     vocab_size=vocab, norm_eps=1e-5, **ffn_params(hidden, dim))  # fmt: skip
+    args = ModelArgs(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads if n_kv_heads != n_heads else None,
+        vocab_size=vocab,
+        norm_eps=1e-5,
+        **ffn_params(hidden, dim),
+    )
     return sd, args, seq_len
 
 
