@@ -138,6 +138,20 @@ def make_ckpt(tmp_path, sp_model_path):
     return make
 
 
+@pytest.fixture
+def llm(make_ckpt):
+    """A float32 LLaMa on a 2-shard GQA checkpoint: 4 rows of 48 positions, seed 7."""
+    from llama import LLaMa
+
+    folder, _ = make_ckpt(GQA, 2)
+    return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
+
+
+def tokens(vocab_size: int, b: int, t: int, seed: int = 1) -> torch.Tensor:
+    """Seeded random ids [b, t]."""
+    return torch.randint(0, vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
 def needs_shared(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_file():

@@ -9,7 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GQA, MHA, THETA, corpus, needs_shared, random_state_dict, train_sentencepiece, write_checkpoint
+from conftest import (
+    GQA,
+    MHA,
+    THETA,
+    corpus,
+    needs_shared,
+    random_state_dict,
+    tokens,
+    train_sentencepiece,
+    write_checkpoint,
+)
 
 from llama.checkpoint import md5
 from llama.convert.gguf import gguf_to_meta_folder, meta_folder_to_gguf, read_gguf, write_gguf
@@ -113,21 +123,21 @@ def test_logits_equal_llama_cpp_on_the_same_file(make_ckpt, tmp_path, params):
         type_k=llama_cpp.GGML_TYPE_F32,
         type_v=llama_cpp.GGML_TYPE_F32,
     )
-    tokens = torch.randint(0, params["vocab_size"], (16,), generator=torch.Generator().manual_seed(1))
-    theirs.eval(tokens.tolist())
-    expected = torch.from_numpy(np.array(theirs.scores[: len(tokens)]))
+    ids = tokens(params["vocab_size"], 1, 16)[0]
+    theirs.eval(ids.tolist())
+    expected = torch.from_numpy(np.array(theirs.scores[: len(ids)]))
     theirs.close()
 
     model = Transformer(ModelArgs.from_params(params))
     model.load_state_dict(original)
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens[None])[0], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(ids[None])[0], expected, atol=1e-4, rtol=0)
         # The check has teeth: Hugging Face's row order for wq/wk gives other logits.
         args = model.params
         for i, layer in enumerate(model.layers):
             layer.attention.wq.weight.copy_(permute_rope(original[f"layers.{i}.attention.wq.weight"], args.n_heads))
             layer.attention.wk.weight.copy_(permute_rope(original[f"layers.{i}.attention.wk.weight"], args.kv_heads))
-        assert (model(tokens[None])[0] - expected).abs().max() > 1e-2
+        assert (model(ids[None])[0] - expected).abs().max() > 1e-2
 
 
 def tokenizer_round_trip(model_path: Path, tmp_path: Path) -> tuple[Tokenizer, Tokenizer]:

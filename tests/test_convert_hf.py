@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GQA, MHA, THETA, write_checkpoint
+from conftest import GQA, MHA, THETA, tokens, write_checkpoint
 
 from llama.convert.hf import config_to_args, ffn_params, hf_folder_to_meta, meta_folder_to_hf, permute_rope
 from llama.generation import LLaMa
@@ -28,10 +28,6 @@ LLAMA3_ROPE = {
 
 def our_model(folder: Path):
     return LLaMa.build(folder, device="cpu", dtype="float32", max_seq_len=32, max_batch_size=2).model
-
-
-def tokens(vocab: int, b: int = 2, t: int = 20) -> torch.Tensor:
-    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(1))
 
 
 def shards(folder: Path) -> list[dict[str, torch.Tensor]]:
@@ -66,7 +62,7 @@ def test_transformers_loads_our_export_with_equal_logits(make_ckpt, tmp_path, pa
         attn_implementation="eager",
         local_files_only=True,  # a folder written here
     )
-    x = tokens(params["vocab_size"])
+    x = tokens(params["vocab_size"], 2, 20)
     with torch.no_grad():
         expected = theirs.eval()(input_ids=x).logits.float()
     torch.testing.assert_close(our_model(folder)(x), expected, atol=1e-4, rtol=0)
@@ -120,7 +116,7 @@ def test_hf_to_meta_gives_transformers_logits(tmp_path, sp_model_path, case):
     params = json.loads((meta / "params.json").read_text())
     assert params.get("use_scaled_rope", False) == (case == "llama3.1-rope")
     assert ModelArgs.from_params(params).ffn_hidden_dim == HF_CASES[case]["intermediate_size"]
-    x = tokens(96)
+    x = tokens(96, 2, 20)
     with torch.no_grad():
         expected = theirs(input_ids=x).logits.float()
     torch.testing.assert_close(our_model(meta)(x), expected, atol=1e-4, rtol=0)

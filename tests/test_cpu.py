@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import GQA
+from conftest import GQA, tokens
 
 from llama import LLaMa, cpu
 from llama.cpu import (
@@ -109,9 +109,9 @@ def test_bf16_build_runs_the_kernels_close_to_metas_modules(make_ckpt):
     assert plain_modules(plain.model) == 10 * GQA["n_layers"] + 2
     assert plain_modules(plain.model) == 0
     assert not any(isinstance(m, (GemvLinear, KernelRMSNorm, KernelAttention)) for m in plain.model.modules())
-    x = torch.randint(0, GQA["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(0))
-    for tokens, start in ((x, 0), (x[:1, :1], 9), (x[:, :1], 9)):  # a prompt, then batch-1 and batch-3 decode steps
-        got, expected = fast.model(tokens, start), plain.model(tokens, start)
+    x = tokens(GQA["vocab_size"], 3, 9, seed=0)
+    for ids, start in ((x, 0), (x[:1, :1], 9), (x[:, :1], 9)):  # a prompt, then batch-1 and batch-3 decode steps
+        got, expected = fast.model(ids, start), plain.model(ids, start)
         assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # a few bf16 roundings apart
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
     assert fast.generate(prompts, 6, temperature=0) == plain.generate(prompts, 6, temperature=0)
@@ -173,7 +173,7 @@ def test_fallback_and_packed_linears_give_f_linear_numbers_and_state_dict(make_c
     assert sum(isinstance(m, kind) for m in fast.model.modules()) == 7 * GQA["n_layers"] + 1
     plain_modules(plain.model)
     assert not any(isinstance(m, (GemvLinear, PackedLinear)) for m in plain.model.modules())
-    x = torch.randint(0, GQA["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(0))
+    x = tokens(GQA["vocab_size"], 3, 9, seed=0)
     assert torch.equal(fast.model(x, 0), plain.model(x, 0))
     assert torch.equal(fast.model(x[:1, :1], 9), plain.model(x[:1, :1], 9))  # batch-1 decode step: one row
     assert torch.equal(fast.model(x[:, :1], 9), plain.model(x[:, :1], 9))

@@ -55,12 +55,6 @@ def test_stream_decoder_work_per_token_is_bounded():
     assert max(decoded_lengths) <= 8  # a short window each step, never the whole text
 
 
-@pytest.fixture
-def llm(make_ckpt) -> LLaMa:
-    folder, _ = make_ckpt(GQA, 2)
-    return LLaMa.build(folder, max_seq_len=64, max_batch_size=3, dtype="float32", seed=5)
-
-
 def collect(events) -> tuple[list[str], list[int]]:
     texts, done_count = ["", "", ""], [0, 0, 0]
     for e in events:
@@ -125,5 +119,16 @@ def test_bad_stop_values(llm, stop, match):
 
 
 def test_stream_validates_before_the_first_event(llm):
-    with pytest.raises(ValueError, match="4 prompts but max_batch_size=3"):
-        llm.stream(["a"] * 4)
+    with pytest.raises(ValueError, match="5 prompts but max_batch_size=4"):
+        llm.stream(["a"] * 5)
+
+
+def test_stream_leaves_autograd_alone_between_steps(llm):
+    """Inference mode is on inside each step only: the caller's own tensors still record gradients."""
+    events = llm.stream(["the king"], temperature=0, max_gen_len=4)
+    next(events)
+    assert not torch.is_inference_mode_enabled()
+    w = torch.ones(2, requires_grad=True)
+    (w * 3).sum().backward()
+    assert torch.equal(w.grad, torch.full((2,), 3.0))
+    assert "".join(e.text for e in events) is not None  # the stream goes on afterwards

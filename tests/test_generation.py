@@ -3,15 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GQA, MHA
+from conftest import MHA
 
 from llama import Completions, LLaMa
-
-
-@pytest.fixture
-def llm(make_ckpt) -> LLaMa:
-    folder, _ = make_ckpt(GQA, 2)
-    return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
 
 
 def meta_reference_generate(model, tokenizer, prompt_tokens, max_gen_len, temperature, top_p, seed):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GQA, MHA, THETA, random_state_dict
+from conftest import GQA, MHA, THETA, random_state_dict, tokens
 
 from llama.model import ModelArgs, Transformer, precompute_freqs_cis
 
@@ -18,14 +18,10 @@ def build(params: dict, seed: int = 0) -> Transformer:
     return model.requires_grad_(False).eval()
 
 
-def tokens(params: dict, b: int, t: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, params["vocab_size"], (b, t), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("params", [MHA, GQA, THETA], ids=["mha", "gqa", "theta1e6"])
 def test_cached_decode_and_chunked_prefill_equal_one_full_forward(params):
     model = build(params)
-    x = tokens(params, 2, 12)
+    x = tokens(params["vocab_size"], 2, 12)
     full = model(x, 0)  # no cache: the tokens attend to each other causally
     model.setup_cache(max_batch_size=3, max_seq_len=16)
     steps = torch.cat([model(x[:, i : i + 1], i) for i in range(12)], dim=1)
@@ -37,7 +33,7 @@ def test_cached_decode_and_chunked_prefill_equal_one_full_forward(params):
 
 def test_forward_is_causal():
     model = build(GQA)
-    x = tokens(GQA, 1, 10)
+    x = tokens(GQA["vocab_size"], 1, 10)
     y = x.clone()
     y[0, 6:] = (y[0, 6:] + 1) % GQA["vocab_size"]
     torch.testing.assert_close(model(x)[:, :6], model(y)[:, :6])
@@ -47,10 +43,10 @@ def test_forward_is_causal():
 def test_forward_outside_cache_is_a_clear_error():
     model = build(MHA)
     with pytest.raises(ValueError, match="setup_cache"):
-        model(tokens(MHA, 1, 2), 3)
+        model(tokens(MHA["vocab_size"], 1, 2), 3)
     model.setup_cache(1, 8)
     with pytest.raises(ValueError, match="max_seq_len=8"):
-        model(tokens(MHA, 1, 4), 6)
+        model(tokens(MHA["vocab_size"], 1, 4), 6)
 
 
 def test_rope_rotates_interleaved_pairs_by_position_times_frequency():
@@ -173,7 +169,7 @@ def test_logits_equal_hugging_face(params):
     sd = random_state_dict(params, seed=3)
     ours = build(params, seed=3)
     theirs = hf_model(sd, params)
-    x = tokens(params, 2, 20)
+    x = tokens(params["vocab_size"], 2, 20)
     with torch.no_grad():
         expected = theirs(input_ids=x).logits.float()
     torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=0)
