@@ -2,7 +2,7 @@
 bench/results/, so that every number in it is printed by this script and none is typed by hand.
 
     python bench/report.py                # write bench/README.md from every JSON file in bench/results/
-    python bench/report.py --check        # exit 1 when bench/README.md differs from what it would write
+    python bench/report.py --check        # exit 1 when bench/README.md, or README.md's table, is out of date
     python bench/report.py --summary      # print the short table the main README shows
     python bench/report.py FILE.json ...  # print the tables of the given result files
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from speed import SHAPES  # bench/speed.py: this script's folder is on sys.path when it runs
 
 BENCH = Path(__file__).resolve().parent
-RESULTS, README = BENCH / "results", BENCH / "README.md"
+RESULTS, README, MAIN_README = BENCH / "results", BENCH / "README.md", BENCH.parent / "README.md"
 
 # The command line that wrote each result file, run from the repository root after `pip install -e '.[bench]'`.
 COMMANDS = {
@@ -564,7 +564,9 @@ def main() -> None:
                 "bench/README.md differs from what bench/report.py writes from bench/results/: "
                 "run `python bench/report.py` and commit the result"
             )
-        print("bench/README.md is up to date")
+        if "speed.json" in results and summary(results) not in MAIN_README.read_text(encoding="utf-8"):
+            sys.exit("README.md's speed table is not what `python bench/report.py --summary` prints: paste it again")
+        print("bench/README.md and README.md's speed table are up to date")
         return
     README.write_text(text, encoding="utf-8")
     print(f"wrote {README.relative_to(BENCH.parent)} ({len(text.encode()):,} bytes)")

@@ -99,9 +99,12 @@ def decode_steps(
         # A row is done at its EOS or its last allowed token; later steps cannot change its output.
         ends = new & ((token == eos_id) | (cur_pos + 1 >= prompt_lens + max_gen_len))
         done |= ends
-        yield Step(cur_pos, token.tolist(), new.tolist(), ends.tolist(), None if scores is None else scores.tolist())
+        # one copy to the host per step (two with logprobs)
+        row_tokens, row_new, row_ends, row_done = torch.stack([token, new.long(), ends.long(), done.long()]).tolist()
+        row_scores = None if scores is None else scores.tolist()
+        yield Step(cur_pos, row_tokens, list(map(bool, row_new)), list(map(bool, row_ends)), row_scores)
         prev_pos = cur_pos
-        if all(done):
+        if all(row_done):
             break
 
 

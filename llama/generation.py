@@ -80,43 +80,6 @@ class LLaMa:
         logger.info("built %s on %s in %s: %.1f MB of weights", source, device, dtype, weight_bytes(model) / 1e6)
         return LLaMa(model, tokenizer, seed)
 
-    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
-        if not prompt_tokens:
-            raise ValueError("no prompts: pass at least one")
-        if len(prompt_tokens) > self.model.max_batch_size:
-            raise ValueError(
-                f"{len(prompt_tokens)} prompts but max_batch_size={self.model.max_batch_size}: pass fewer prompts "
-                "at a time or build with a larger max_batch_size"
-            )
-        for i, t in enumerate(prompt_tokens):
-            if len(t) == 0:
-                raise ValueError(f"prompt {i} has no tokens")
-            if len(t) > self.model.max_seq_len:
-                raise ValueError(
-                    f"prompt {i} has {len(t)} tokens, {len(t) - self.model.max_seq_len} more than "
-                    f"max_seq_len={self.model.max_seq_len}: shorten it or build with a larger max_seq_len"
-                )
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len={max_gen_len}: ask for at least 1 new token")
-
-    def _steps(self, prompt_tokens: list[list[int]], max_gen_len: int, sampler: Sampler, logprobs: bool = False):
-        """Meta's loop over these prompts (checked now, not at the first step)."""
-        self._check_prompts(prompt_tokens, max_gen_len)
-        pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
-        return decode_steps(self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, eos_id, logprobs)
-
-    def _outputs(self, prompt_tokens: list[list[int]], stop: list[str] | None, want_text: bool) -> Outputs:
-        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
-            raise ValueError(f"stop={stop!r}: pass a list of non-empty strings")
-        return Outputs(self.tokenizer, prompt_tokens, list(stop or []), want_text)
-
-    def _complete(self, prompt_tokens, max_gen_len, sampler, logprobs, echo, stop) -> Completions:
-        """Run to the end; cut each row as Meta does (prompt unless echo, first EOS)."""
-        steps = self._steps(prompt_tokens, max_gen_len, sampler, logprobs)
-        outputs = self._outputs(prompt_tokens, stop, want_text=False)
-        outputs.consume(steps)
-        return outputs.completions(echo, logprobs)
-
     def generate(
         self,
         prompt_tokens: list[list[int]],
@@ -139,11 +102,6 @@ class LLaMa:
         done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, echo, stop)
         return done.tokens, done.logprobs
 
-    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        if isinstance(prompts, str):
-            raise TypeError("prompts is a list of strings: wrap a single prompt as [prompt]")
-        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-
     def text_completion(
         self,
         prompts: list[str],
@@ -165,26 +123,6 @@ class LLaMa:
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         return self._complete(prompt_tokens, max_gen_len, sampler, logprobs, echo, stop)
-
-    def stream(
-        self,
-        prompts: list[str] | list[list[int]],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: int | None = None,
-        *,
-        top_k: int | None = None,
-        repetition_penalty: float = 1.0,
-        stop: list[str] | None = None,
-    ) -> Iterator[StreamEvent]:
-        """Yield StreamEvent(index, text, done) as each row's text is completed; the texts of a
-        row concatenate to text_completion's text for it. Prompts are strings or token id lists."""
-        is_ids = bool(prompts) and not isinstance(prompts, str) and all(isinstance(p, list) for p in prompts)
-        prompt_tokens = prompts if is_ids else self._encode_prompts(prompts)
-        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
-        steps = self._steps(prompt_tokens, max_gen_len, sampler)
-        return self._outputs(prompt_tokens, stop, want_text=True).events(steps)
 
     def chat_completion(
         self,
@@ -219,3 +157,65 @@ class LLaMa:
             item = {"generation": {"role": "assistant", "content": text}}
             out.append(item | ({"tokens": tokens, "logprobs": probs} if logprobs else {}))
         return out
+
+    def stream(
+        self,
+        prompts: list[str] | list[list[int]],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        *,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Yield StreamEvent(index, text, done) as each row's text is completed; the texts of a
+        row concatenate to text_completion's text for it. Prompts are strings or token id lists."""
+        is_ids = bool(prompts) and not isinstance(prompts, str) and all(isinstance(p, list) for p in prompts)
+        prompt_tokens = prompts if is_ids else self._encode_prompts(prompts)
+        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
+        steps = self._steps(prompt_tokens, max_gen_len, sampler)
+        return self._outputs(prompt_tokens, stop, want_text=True).events(steps)
+
+    def _complete(self, prompt_tokens, max_gen_len, sampler, logprobs, echo, stop) -> Completions:
+        """Run to the end; cut each row as Meta does (prompt unless echo, first EOS)."""
+        steps = self._steps(prompt_tokens, max_gen_len, sampler, logprobs)
+        outputs = self._outputs(prompt_tokens, stop, want_text=False)
+        outputs.consume(steps)
+        return outputs.completions(echo, logprobs)
+
+    def _steps(self, prompt_tokens: list[list[int]], max_gen_len: int, sampler: Sampler, logprobs: bool = False):
+        """Meta's loop over these prompts (checked now, not at the first step)."""
+        self._check_prompts(prompt_tokens, max_gen_len)
+        pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
+        return decode_steps(self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, eos_id, logprobs)
+
+    def _outputs(self, prompt_tokens: list[list[int]], stop: list[str] | None, want_text: bool) -> Outputs:
+        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
+            raise ValueError(f"stop={stop!r}: pass a list of non-empty strings")
+        return Outputs(self.tokenizer, prompt_tokens, list(stop or []), want_text)
+
+    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
+        if not prompt_tokens:
+            raise ValueError("no prompts: pass at least one")
+        if len(prompt_tokens) > self.model.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts but max_batch_size={self.model.max_batch_size}: pass fewer prompts "
+                "at a time or build with a larger max_batch_size"
+            )
+        for i, t in enumerate(prompt_tokens):
+            if len(t) == 0:
+                raise ValueError(f"prompt {i} has no tokens")
+            if len(t) > self.model.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(t)} tokens, {len(t) - self.model.max_seq_len} more than "
+                    f"max_seq_len={self.model.max_seq_len}: shorten it or build with a larger max_seq_len"
+                )
+        if max_gen_len < 1:
+            raise ValueError(f"max_gen_len={max_gen_len}: ask for at least 1 new token")
+
+    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts is a list of strings: wrap a single prompt as [prompt]")
+        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
