@@ -1,8 +1,8 @@
 """Building a Transformer from what users hold, one function per source: a Meta checkpoint folder,
-a quantized folder (llama.quantize's), a llama.cpp GGUF file, or params (a folder's params.json or
-a preset in params/) with random weights. Each returns (model, tokenizer): the weights on the
-device in the dtype, quantized when asked, after refusing, before anything is allocated, weights
-that would not fit in free memory beside the KV cache the run will allocate. `load` picks one.
+a quantized folder (llama.quantize's), a llama.cpp GGUF file, or params with random weights. Each
+returns (model, tokenizer), the weights on the device in the dtype (LLaMa.build's defaults) and
+quantized when asked, after refusing, before allocating, weights that would not fit in free memory
+beside the run's KV cache. LLaMa.build calls `load`, which picks one by what the path is.
 """
 
 import json
@@ -16,7 +16,7 @@ from llama.convert.gguf import read_gguf
 from llama.cpu import weight_bytes
 from llama.model import ModelArgs, Transformer
 from llama.quantize import make_quantized, quantized_bytes, read_scheme
-from llama.runtime import check_fits
+from llama.runtime import check_fits, resolve_device, resolve_dtype
 from llama.tokenizer import Tokenizer
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "params"
@@ -30,8 +30,8 @@ def load(
     tokenizer_path: str | os.PathLike | None = None,
     *,
     load_model: bool = True,
-    device: torch.device,
-    dtype: torch.dtype,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     seed: int = 1,
     max_batch_size: int = 0,
@@ -54,13 +54,14 @@ def load_meta_folder(
     folder: str | os.PathLike,
     tokenizer_path: str | os.PathLike | None = None,
     *,
-    device: torch.device,
-    dtype: torch.dtype,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     max_batch_size: int = 0,
     max_seq_len: int = 0,
 ) -> Loaded:
     """A Meta folder of any number of shards, with the tokenizer.model beside it (or in its parent)."""
+    device, dtype = _placement(device, dtype)
     checkpoint = MetaCheckpoint(folder)
     args = checkpoint.args
     tokenizer = _tokenizer(args, checkpoint.dir, tokenizer_path)
@@ -89,13 +90,14 @@ def load_quantized_folder(
     folder: str | os.PathLike,
     tokenizer_path: str | os.PathLike | None = None,
     *,
-    device: torch.device,
-    dtype: torch.dtype,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     max_batch_size: int = 0,
     max_seq_len: int = 0,
 ) -> Loaded:
     """A folder llama.quantize.save_quantized wrote: its layers load already quantized."""
+    device, dtype = _placement(device, dtype)
     folder = Path(folder)
     scheme = read_scheme(folder)
     if scheme is None:
@@ -119,14 +121,15 @@ def load_gguf(
     path: str | os.PathLike,
     tokenizer_path: str | os.PathLike | None = None,
     *,
-    device: torch.device,
-    dtype: torch.dtype,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     max_batch_size: int = 0,
     max_seq_len: int = 0,
 ) -> Loaded:
     """A LLaMA GGUF file: weights dequantized into dtype, the tokenizer rebuilt from its vocabulary
     (or tokenizer_path's)."""
+    device, dtype = _placement(device, dtype)
     state_dict, args, proto = read_gguf(path, dtype)
     tokenizer = _tokenizer(args, Path(path), tokenizer_path, proto)
     model = _empty(args, dtype)
@@ -140,8 +143,8 @@ def random_weights(
     params: str | os.PathLike,
     tokenizer_path: str | os.PathLike | None = None,
     *,
-    device: torch.device,
-    dtype: torch.dtype,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     seed: int = 1,
     max_batch_size: int = 0,
@@ -149,6 +152,7 @@ def random_weights(
 ) -> Loaded:
     """The architecture of a folder's params.json or of a preset in params/ ("llama-2-7b"), with
     seeded random weights (Transformer.init_weights); the tokenizer only when there is one."""
+    device, dtype = _placement(device, dtype)
     path = Path(params)
     args = read_params(path) if path.is_dir() else preset_args(str(params))
     tokenizer = _tokenizer(args, path, tokenizer_path, required=False)
@@ -196,6 +200,11 @@ def _tokenizer(
             "words: pass the tokenizer.model that belongs to this model"
         )
     return tokenizer
+
+
+def _placement(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    device = resolve_device(device)
+    return device, resolve_dtype(dtype, device)
 
 
 def _empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:

@@ -1,0 +1,41 @@
+"""The loaders, called directly as a notebook would: one per source, each returning (model, tokenizer)."""
+
+import pytest
+import torch
+from conftest import GQA
+
+from llama.loading import load, load_meta_folder, load_quantized_folder, random_weights
+from llama.model import Transformer
+from llama.quantize import save_quantized
+from llama.tokenizer import Tokenizer
+
+
+def test_each_source_gives_a_model_and_its_tokenizer_without_a_cache(make_ckpt, tmp_path):
+    folder, sd = make_ckpt(GQA, 2)
+    model, tokenizer = load_meta_folder(folder, device="cpu", dtype="float32")
+    assert isinstance(model, Transformer) and isinstance(tokenizer, Tokenizer)
+    assert model.freqs_cis is None and model.layers[0].attention.cache_k is None  # the run's, not the loader's
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+    int8 = load_meta_folder(folder, device="cpu", dtype="bf16", quantize="int8")[0]
+    saved = save_quantized(int8, tmp_path / "q", folder / "tokenizer.model")
+    quantized, _ = load_quantized_folder(saved, device="cpu", dtype="bfloat16")
+    assert quantized.quantization == {"scheme": "int8", "group_size": None}
+    assert all(torch.equal(quantized.state_dict()[k], v) for k, v in int8.state_dict().items())
+    assert load(saved, device="cpu", dtype="bf16")[0].quantization == quantized.quantization  # picked by its files
+
+    random, tok = random_weights(folder, device=torch.device("cpu"), dtype=torch.float32, seed=3)
+    assert tok.path == folder / "tokenizer.model" and not torch.equal(random.output.weight, model.output.weight)
+    assert torch.equal(
+        random.output.weight, random_weights(folder, device="cpu", dtype="fp32", seed=3)[0].output.weight
+    )
+
+
+def test_a_quantized_folder_is_not_quantized_twice(make_ckpt, tmp_path):
+    folder, _ = make_ckpt(GQA, 1)
+    saved = save_quantized(load_meta_folder(folder, device="cpu", dtype="bf16", quantize="int8")[0], tmp_path / "q")
+    with pytest.raises(ValueError, match="already quantized .int8.: leave out quantize="):
+        load_quantized_folder(saved, folder / "tokenizer.model", device="cpu", dtype="bf16", quantize="int4")
+    with pytest.raises(FileNotFoundError, match="no quantization.json in"):
+        load_quantized_folder(folder, device="cpu")
