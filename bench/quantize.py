@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llama import LLaMa
-from llama.cpu import use_kernels, weight_bytes
+from llama.cpu import use_cpu_modules, weight_bytes
 from llama.model import ModelArgs, Transformer
 from llama.quantize import make_quantized
 
@@ -104,7 +104,7 @@ def main() -> None:
         model = model.to(torch.bfloat16).to_empty(device="cpu").requires_grad_(False)
         model.init_weights(torch.Generator().manual_seed(0))
         quantized(model, scheme, group_size)
-        use_kernels(model)  # as LLaMa.build runs a bf16 model on the CPU
+        use_cpu_modules(model)  # as LLaMa.build runs a model on the CPU
         model.setup_cache(1, 64)
         with torch.inference_mode():  # the whole pass, then the last position again as a decode step
             logits[name] = model(x, 0), model(x[:, -1:], 63)

@@ -1,15 +1,16 @@
-"""How a loaded Transformer runs in bf16 on the CPU, chosen from outside the model (as
-llama.quantize is). PyTorch sends every bf16 matmul to oneDNN, whose matrix-vector product (a
-decode step) reads weights well below the memory's speed, and a decode step's small operators cost
-more than their arithmetic (bench/kernels.py measures the products). llama.kernels' compiled ops do that
-work in one call each; Meta's modules, names and state stay:
+"""How a loaded Transformer runs on the CPU, chosen from outside the model (as llama.quantize is):
+use_cpu_modules swaps classes, and Meta's names, weights and state_dict() stay. PyTorch sends every
+bf16 matmul to oneDNN, whose matrix-vector product (a decode step) reads weights well below the
+memory's speed (bench/kernels.py measures it), and a decode step's small operators cost more than
+their arithmetic; llama.kernels' compiled ops do that work in one call each:
 
-- GemvLinear (the build default): an nn.Linear sending inputs of up to GEMV_ROWS rows to the
-  compiled GEMV; where it cannot build, one-row inputs go to ATen's GEMV (F.linear's numbers,
-  oneDNN switched off around the call). More rows go to oneDNN.
-- KernelRMSNorm and KernelAttention: RMSNorm, RoPE and a decode step's attention in the kernels.
-- PackedLinear (pack=True): the weight reordered once into oneDNN's blocked layout, the fastest for
-  prompts and batched decoding but slower at batch 1.
+- GroupedQueryAttention (every dtype): a GQA decode step's attention as one product per kv head.
+- GemvLinear (bf16, the build default): inputs of up to GEMV_ROWS rows go to the compiled GEMV;
+  where it cannot build, one-row inputs go to ATen's GEMV (F.linear's numbers, oneDNN switched off
+  around the call). More rows go to oneDNN.
+- KernelRMSNorm and KernelAttention (bf16): RMSNorm, RoPE and a decode step's attention in the kernels.
+- PackedLinear (bf16, pack=True): the weight reordered once into oneDNN's blocked layout, the
+  fastest for prompts and batched decoding but slower at batch 1.
 """
 
 import math
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.kernels import compiled_kernels, kernel_can_run
-from llama.model import Attention, RMSNorm
+from llama.model import Attention, RMSNorm, Transformer
 from llama.runtime import file_mappings, release_mapped
 
 # Up to this many rows the compiled GEMV reads each weight once at the memory's speed; with more,
@@ -96,7 +97,22 @@ class KernelRMSNorm(RMSNorm):
         return torch.ops.llama_cpu.rms_norm_bf16(x.contiguous(), self.weight, self.eps)
 
 
-class KernelAttention(Attention):
+class GroupedQueryAttention(Attention):
+    """Attention whose GQA decode step is one float32 product per kv head: its n_heads / n_kv_heads
+    query heads are the rows, where SDPA's CPU path repeats the keys for each. Float32 as SDPA
+    accumulates (a bf16 matmul would also build a oneDNN kernel, and keep it, for every cache length)."""
+
+    def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
+        if xq.shape[2] != 1 or mask is not None or self.n_kv_heads == self.n_heads:
+            return super().attend(xq, keys, values, mask)
+        bsz = xq.shape[0]
+        q = xq.float().reshape(bsz, self.n_kv_heads, -1, self.head_dim)  # [B, Hkv, H / Hkv, D]
+        scores = torch.matmul(q, keys.float().transpose(2, 3)) / math.sqrt(self.head_dim)
+        output = torch.matmul(F.softmax(scores, dim=-1), values.float())
+        return output.type_as(xq).view(bsz, self.n_heads, 1, self.head_dim)
+
+
+class KernelAttention(GroupedQueryAttention):
     """Attention whose bf16 RoPE, and the attention of a decode step, run in one kernel call each."""
 
     def rotate(self, xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,31 +121,28 @@ class KernelAttention(Attention):
         return torch.ops.llama_cpu.rope_bf16(xq.contiguous(), xk.contiguous(), torch.view_as_real(freqs_cis))
 
     def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
-        if xq.shape[2] != 1 or mask is not None or not kernel_can_run(xq, keys, values):
+        fits = self.head_dim % 16 == 0 and self.head_dim <= 128  # the head sizes the kernel takes
+        if xq.shape[2] != 1 or mask is not None or not fits or not kernel_can_run(xq, keys, values):
             return super().attend(xq, keys, values, mask)
-        if self.head_dim % 16 == 0 and self.head_dim <= 128:
-            return torch.ops.llama_cpu.attend_one_bf16(xq, keys, values)
-        if self.n_kv_heads < self.n_heads:  # a head size the kernel does not take
-            return self._grouped_query(xq, keys, values)
-        return super().attend(xq, keys, values, mask)
-
-    def _grouped_query(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Attention of one new token in float32, as SDPA accumulates (a bf16 matmul would build a
-        oneDNN kernel, and keep it, for every cache length), each kv head's n_heads / n_kv_heads
-        query heads being the rows of one product instead of repeating the keys (SDPA's CPU path
-        repeats them). [B, H, 1, D] -> [B, H, 1, D]."""
-        bsz = xq.shape[0]
-        q = xq.float().reshape(bsz, self.n_kv_heads, -1, self.head_dim)  # [B, Hkv, H / Hkv, D]
-        scores = torch.matmul(q, keys.float().transpose(2, 3)) / math.sqrt(self.head_dim)
-        output = torch.matmul(F.softmax(scores, dim=-1), values.float())
-        return output.type_as(xq).view(bsz, self.n_heads, 1, self.head_dim)
+        return torch.ops.llama_cpu.attend_one_bf16(xq, keys, values)
 
 
-def use_kernels(model: nn.Module, pack: bool = False) -> None:
-    """How a bf16 model runs on the CPU (LLaMa.build's choice): its linears GemvLinear, or
-    PackedLinear with pack=True, and its norms and attention on the kernels where they build."""
-    pack_linears(model) if pack else use_gemv_linears(model)
-    use_kernel_norms_and_attention(model)
+def use_cpu_modules(model: Transformer, pack: bool = False) -> None:
+    """How LLaMa.build runs a model on the CPU: its attention GroupedQueryAttention; in bf16 also its
+    linears GemvLinear (PackedLinear with pack=True), and its norms, RoPE and attention on the
+    compiled kernels where they build."""
+    use_grouped_attention(model)
+    if model.tok_embeddings.weight.dtype == torch.bfloat16:
+        pack_linears(model) if pack else use_gemv_linears(model)
+        use_kernel_norms_and_attention(model)
+
+
+def use_grouped_attention(model: nn.Module) -> int:
+    """Make every Attention a GroupedQueryAttention (no state is added: only the class changes)."""
+    attentions = [m for m in model.modules() if type(m) is Attention]
+    for module in attentions:
+        module.__class__ = GroupedQueryAttention
+    return len(attentions)
 
 
 def use_gemv_linears(model: nn.Module) -> int:
@@ -161,26 +174,26 @@ def use_kernel_norms_and_attention(model: nn.Module) -> int:
         return 0
     count = 0
     for module in model.modules():
-        for base, kernel in ((RMSNorm, KernelRMSNorm), (Attention, KernelAttention)):
-            if type(module) is base:
+        for bases, kernel in (((RMSNorm,), KernelRMSNorm), ((Attention, GroupedQueryAttention), KernelAttention)):
+            if type(module) in bases:
                 module.__class__ = kernel
                 count += 1
     return count
 
 
 def plain_modules(model: nn.Module) -> int:
-    """Undo use_kernels: Meta's nn.Linear, RMSNorm and Attention everywhere, on the same weights
-    (packed ones unpacked), to compare against PyTorch's own operators. Returns how many modules
-    changed."""
+    """Undo the compiled kernels and oneDNN's packing: nn.Linear, RMSNorm, and GroupedQueryAttention
+    for a KernelAttention, on the same weights (packed ones unpacked), to compare against PyTorch's
+    own operators. Returns how many modules changed."""
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, (GemvLinear, PackedLinear)):
                 setattr(module, name, linear_around(child.weight))
                 count += 1
-        for base in (RMSNorm, Attention):
-            if isinstance(module, base) and type(module) is not base:
-                module.__class__ = base
+        for kernel, plain in ((KernelRMSNorm, RMSNorm), (KernelAttention, GroupedQueryAttention)):
+            if type(module) is kernel:
+                module.__class__ = plain
                 count += 1
     return count
 

@@ -144,7 +144,7 @@ class Outputs:
         self.tokens = [list(t) for t in prompt_tokens]
         self.logprobs = [[0.0] for _ in prompt_tokens]  # logprob i scores token i given the ones before it
         self.ended = [False] * len(prompt_tokens)
-        self.texts = [_RowText(tokenizer, stop) for _ in prompt_tokens] if want_text or stop else None
+        self.row_texts = [_RowText(tokenizer, stop) for _ in prompt_tokens] if want_text or stop else None
 
     def events(self, steps: Iterator[Step]) -> Iterator[StreamEvent]:
         """Take steps until every row has ended, yielding each row's new text (with text wanted)."""
@@ -152,8 +152,8 @@ class Outputs:
             yield from self._add(step)
             if all(self.ended):
                 break
-        if self.texts is not None:  # rows cut by max_seq_len
-            yield from (StreamEvent(b, row.finish(), True) for b, row in enumerate(self.texts) if not self.ended[b])
+        if self.row_texts is not None:  # rows cut by max_seq_len
+            yield from (StreamEvent(b, row.finish(), True) for b, row in enumerate(self.row_texts) if not self.ended[b])
 
     def consume(self, steps: Iterator[Step]) -> None:
         for _ in self.events(steps):
@@ -169,9 +169,9 @@ class Outputs:
                 continue
             self.tokens[b].append(token)
             self.ended[b] = step.ends[b]
-            if self.texts is None:
+            if self.row_texts is None:
                 continue
-            row = self.texts[b]
+            row = self.row_texts[b]
             text, stopped = ("", False) if token == self.tokenizer.eos_id else row.push(token)
             self.ended[b] |= stopped
             if self.ended[b]:
@@ -191,8 +191,8 @@ class Outputs:
                 probs = probs[: len(toks)]
             out_tokens.append(toks)
             out_logprobs.append(probs)
-            if self.texts is None:
+            if self.row_texts is None:
                 texts.append(self.tokenizer.decode(toks))
             else:  # decoded as it came, cut before any stop string
-                texts.append((self.tokenizer.decode(prompt) if echo else "") + self.texts[b].text)
+                texts.append((self.tokenizer.decode(prompt) if echo else "") + self.row_texts[b].text)
         return Completions(out_tokens, texts, out_logprobs if logprobs else None)

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import torch
 
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
-from llama.cpu import onednn_bf16, use_kernels, weight_bytes
+from llama.cpu import onednn_bf16, use_cpu_modules, weight_bytes
 from llama.decoding import Completions, Outputs, StreamEvent, decode_steps
 from llama.loading import BUILTIN_MODEL, load
 from llama.model import Transformer
-from llama.quantize import SCHEMES
+from llama.quantize import check_scheme
 from llama.runtime import resolve_device, resolve_dtype
 from llama.sampling import Sampler
 from llama.tokenizer import Tokenizer
@@ -48,15 +48,15 @@ class LLaMa:
         omitted) onto one device, with its tokenizer. load_model=False builds the architecture with
         random weights, from a folder's params.json or a preset name in params/ ("llama-2-7b").
         quantize="int8" | "int4" quantizes the linear layers after loading (see llama.quantize);
-        a folder written by llama.quantize.save_quantized loads already quantized, and so does a
-        GGUF file's path. On the CPU in bf16, decode steps run in kernels compiled here once per
-        machine where the CPU has AVX-512 BF16 (see llama.cpu); pack=True keeps the weights in
-        oneDNN's layout instead, faster for batches of 8 or more and prompts, slower at batch 1.
+        a folder written by llama.quantize.save_quantized loads already quantized; a GGUF file's
+        path loads too, dequantized into dtype. On the CPU in bf16, decode steps run in kernels
+        compiled here once per machine where the CPU has AVX-512 BF16 (see llama.cpu); pack=True
+        keeps the weights in oneDNN's layout instead, faster for batches and prompts, slower at
+        batch 1.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")
-        if quantize is not None and quantize not in SCHEMES:
-            raise ValueError(f"quantize={quantize!r}: use one of {', '.join(SCHEMES)}, or None")
+        check_scheme(quantize)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if pack and not (device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16()):
@@ -73,8 +73,8 @@ class LLaMa:
             max_batch_size=max_batch_size,
             max_seq_len=max_seq_len,
         )
-        if device.type == "cpu" and dtype == torch.bfloat16:  # pack=True anywhere else was refused above
-            use_kernels(model, pack)
+        if device.type == "cpu":  # pack=True anywhere but bf16 on the CPU was refused above
+            use_cpu_modules(model, pack)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
         logger.info("built %s on %s in %s: %.1f MB of weights", source, device, dtype, weight_bytes(model) / 1e6)
@@ -98,6 +98,7 @@ class LLaMa:
         Logprob i scores token i given the tokens before it (0.0 for a row's first token).
         top_k, repetition_penalty and stop strings are off by default, leaving Meta's draws.
         """
+        self._check_prompts(prompt_tokens, max_gen_len)
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, echo, stop)
         return done.tokens, done.logprobs
@@ -121,6 +122,7 @@ class LLaMa:
         """
         prompt_tokens = self._encode_prompts(prompts)
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        self._check_prompts(prompt_tokens, max_gen_len)
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         return self._complete(prompt_tokens, max_gen_len, sampler, logprobs, echo, stop)
 
@@ -145,10 +147,11 @@ class LLaMa:
             check_dialog(dialog, i)
         safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog)]
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         replies = [(UNSAFE_ERROR, [], [])] * len(dialogs)
         if safe:
             prompt_tokens = [encode_dialog(self.tokenizer, dialogs[i]) for i in safe]
+            self._check_prompts(prompt_tokens, max_gen_len)
+            sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
             done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, False, stop)
             for j, i in enumerate(safe):
                 replies[i] = (done.texts[j], done.tokens[j], done.logprobs[j] if logprobs else [])
@@ -174,20 +177,20 @@ class LLaMa:
         is_ids = bool(prompts) and not isinstance(prompts, str) and all(isinstance(p, list) for p in prompts)
         prompt_tokens = prompts if is_ids else self._encode_prompts(prompts)
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        self._check_prompts(prompt_tokens, max_gen_len)  # all checked now, not at the first step
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         steps = self._steps(prompt_tokens, max_gen_len, sampler)
         return self._outputs(prompt_tokens, stop, want_text=True).events(steps)
 
     def _complete(self, prompt_tokens, max_gen_len, sampler, logprobs, echo, stop) -> Completions:
-        """Run to the end; cut each row as Meta does (prompt unless echo, first EOS)."""
+        """Run (checked prompts) to the end; cut each row as Meta does (prompt unless echo, first EOS)."""
         steps = self._steps(prompt_tokens, max_gen_len, sampler, logprobs)
         outputs = self._outputs(prompt_tokens, stop, want_text=False)
         outputs.consume(steps)
         return outputs.completions(echo, logprobs)
 
     def _steps(self, prompt_tokens: list[list[int]], max_gen_len: int, sampler: Sampler, logprobs: bool = False):
-        """Meta's loop over these prompts (checked now, not at the first step)."""
-        self._check_prompts(prompt_tokens, max_gen_len)
+        """Meta's loop over these (checked) prompts."""
         pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
         return decode_steps(self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, eos_id, logprobs)
 
@@ -197,6 +200,7 @@ class LLaMa:
         return Outputs(self.tokenizer, prompt_tokens, list(stop or []), want_text)
 
     def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
+        """Refuse, before any step, a batch that does not fit the cache or asks for nothing."""
         if not prompt_tokens:
             raise ValueError("no prompts: pass at least one")
         if len(prompt_tokens) > self.model.max_batch_size:

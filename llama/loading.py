@@ -1,11 +1,12 @@
 """Building a Transformer from what users hold, one function per source: a Meta checkpoint folder,
 a quantized folder (llama.quantize's), a llama.cpp GGUF file, or params with random weights. Each
 returns (model, tokenizer), the weights on the device in the dtype (LLaMa.build's defaults) and
-quantized when asked, after refusing, before allocating, weights that would not fit in free memory
-beside the run's KV cache. LLaMa.build calls `load`, which picks one by what the path is.
+quantized when asked, after refusing, before the model is allocated (a GGUF file is read first),
+weights that would not fit in free memory beside the run's KV cache. LLaMa.build calls `load`.
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from llama.checkpoint import MetaCheckpoint, find_tokenizer, load_shard, read_pa
 from llama.convert.gguf import read_gguf
 from llama.cpu import weight_bytes
 from llama.model import ModelArgs, Transformer
-from llama.quantize import make_quantized, quantized_bytes, read_scheme
+from llama.quantize import check_scheme, make_quantized, quantized_bytes, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
 from llama.tokenizer import Tokenizer
 
@@ -61,7 +62,7 @@ def load_meta_folder(
     max_seq_len: int = 0,
 ) -> Loaded:
     """A Meta folder of any number of shards, with the tokenizer.model beside it (or in its parent)."""
-    device, dtype = _placement(device, dtype)
+    device, dtype = _placement(device, dtype, quantize)
     checkpoint = MetaCheckpoint(folder)
     args = checkpoint.args
     tokenizer = _tokenizer(args, checkpoint.dir, tokenizer_path)
@@ -74,7 +75,7 @@ def load_meta_folder(
     # Quantizing a shard that is used in place (mmap) keeps one float matrix resident at a time;
     # otherwise the float model is whole in memory first.
     in_place = quantize is not None and checkpoint.maps_in_place(dtype, device)
-    _check_fits(
+    _check_memory(
         model,
         quantized_bytes(model, quantize) if in_place else weight_bytes(model),
         max_batch_size,
@@ -97,7 +98,7 @@ def load_quantized_folder(
     max_seq_len: int = 0,
 ) -> Loaded:
     """A folder llama.quantize.save_quantized wrote: its layers load already quantized."""
-    device, dtype = _placement(device, dtype)
+    device, dtype = _placement(device, dtype, quantize)
     folder = Path(folder)
     scheme = read_scheme(folder)
     if scheme is None:
@@ -107,7 +108,7 @@ def load_quantized_folder(
     args = read_params(folder)
     tokenizer = _tokenizer(args, folder, tokenizer_path)
     model = make_quantized(_empty(args, dtype), scheme["scheme"], scheme.get("group_size") or 64, quantize=False)
-    _check_fits(model, weight_bytes(model), max_batch_size, max_seq_len, device)
+    _check_memory(model, weight_bytes(model), max_batch_size, max_seq_len, device)
     model.to_empty(device=device)
     path = folder / "consolidated.00.pth"
     try:
@@ -129,11 +130,11 @@ def load_gguf(
 ) -> Loaded:
     """A LLaMA GGUF file: weights dequantized into dtype, the tokenizer rebuilt from its vocabulary
     (or tokenizer_path's)."""
-    device, dtype = _placement(device, dtype)
+    device, dtype = _placement(device, dtype, quantize)
     state_dict, args, proto = read_gguf(path, dtype)
     tokenizer = _tokenizer(args, Path(path), tokenizer_path, proto)
     model = _empty(args, dtype)
-    _check_fits(model, weight_bytes(model), max_batch_size, max_seq_len, device)
+    _check_memory(model, weight_bytes(model), max_batch_size, max_seq_len, device)
     model.to_empty(device=device)
     model.load_state_dict(state_dict, strict=True)
     return _quantized(model, quantize), tokenizer
@@ -152,12 +153,12 @@ def random_weights(
 ) -> Loaded:
     """The architecture of a folder's params.json or of a preset in params/ ("llama-2-7b"), with
     seeded random weights (Transformer.init_weights); the tokenizer only when there is one."""
-    device, dtype = _placement(device, dtype)
+    device, dtype = _placement(device, dtype, quantize)
     path = Path(params)
-    args = read_params(path) if path.is_dir() else preset_args(str(params))
+    args = read_params(path) if path.is_dir() else preset_args(str(path))
     tokenizer = _tokenizer(args, path, tokenizer_path, required=False)
     model = _empty(args, dtype)
-    _check_fits(model, weight_bytes(model), max_batch_size, max_seq_len, device)
+    _check_memory(model, weight_bytes(model), max_batch_size, max_seq_len, device)
     model.to_empty(device=device)
     model.init_weights(torch.Generator(device=device).manual_seed(seed))
     return _quantized(model, quantize), tokenizer
@@ -202,7 +203,9 @@ def _tokenizer(
     return tokenizer
 
 
-def _placement(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+def _placement(device: str | torch.device | None, dtype: str | torch.dtype | None, quantize: str | None):
+    """The device and dtype named (or the defaults), with the scheme checked before any loading."""
+    check_scheme(quantize)
     device = resolve_device(device)
     return device, resolve_dtype(dtype, device)
 
@@ -213,10 +216,10 @@ def _empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
         return Transformer(args).to(dtype)
 
 
-def _check_fits(model: Transformer, weight_bytes: int, max_batch_size: int, max_seq_len: int, device: torch.device):
-    """Refuse, before allocating, weights and a KV cache (Transformer.setup_cache's) that exceed free memory."""
-    args, dtype = model.params, model.tok_embeddings.weight.dtype
-    cache_bytes = 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * dtype.itemsize
+def _check_memory(model: Transformer, weight_bytes: int, max_batch_size: int, max_seq_len: int, device: torch.device):
+    """Refuse weights and a KV cache (cache_k and cache_v per layer) that exceed free memory."""
+    cache = model.cache_shape(max_batch_size, max_seq_len)
+    cache_bytes = 2 * len(model.layers) * math.prod(cache) * model.tok_embeddings.weight.dtype.itemsize
     check_fits(weight_bytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
 
 

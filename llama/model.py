@@ -231,12 +231,16 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache once, in the model's dtype on its device, and the rotations."""
         weight = self.tok_embeddings.weight  # never quantized: the dtype activations have
-        shape = (max_batch_size, self.params.kv_heads, max_seq_len, self.params.head_dim)
+        shape = self.cache_shape(max_batch_size, max_seq_len)
         for layer in self.layers:
             layer.attention.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
             layer.attention.cache_v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.freqs_cis = self._freqs(max_seq_len).to(weight.device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def cache_shape(self, max_batch_size: int, max_seq_len: int) -> tuple[int, int, int, int]:
+        """The shape of each layer's cache_k and cache_v: [max_batch_size, Hkv, max_seq_len, D]."""
+        return (max_batch_size, self.params.kv_heads, max_seq_len, self.params.head_dim)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Random weights for a model built without a checkpoint: N(0, 0.02) matrices, unit norms."""

@@ -42,15 +42,16 @@ def _quantized_like(linear: nn.Module, scheme: str, group_size: int, device: tor
         return Int4Linear(linear.in_features, linear.out_features, group_size, dtype, wants_kernel_layout(dtype))
 
 
-def _check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
+def check_scheme(scheme: str | None) -> None:
+    """Refuse a scheme this module does not have (None, no quantization, is fine)."""
+    if scheme is not None and scheme not in SCHEMES:
         raise ValueError(f"quantize={scheme!r}: use one of {', '.join(SCHEMES)}")
 
 
 def make_quantized(model: Transformer, scheme: str, group_size: int = 64, quantize: bool = True) -> Transformer:
     """Replace every nn.Linear with its quantized counterpart, in place, one layer at a time (the
     float weight is freed as it goes). quantize=False only builds the structure, for loading."""
-    _check_scheme(scheme)
+    check_scheme(scheme)
     spans = file_mappings()
     for parent, child_name in _linears(model):
         linear = getattr(parent, child_name)
@@ -66,7 +67,7 @@ def make_quantized(model: Transformer, scheme: str, group_size: int = 64, quanti
 def quantized_bytes(model: Transformer, scheme: str, group_size: int = 64) -> int:
     """Bytes the model's weights will take after make_quantized, counted on a model that may still
     be on the meta device (each layer's quantized form is built there, holding nothing)."""
-    _check_scheme(scheme)
+    check_scheme(scheme)
     total = weight_bytes(model)
     for parent, child_name in _linears(model):
         linear = getattr(parent, child_name)

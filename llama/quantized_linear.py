@@ -289,9 +289,8 @@ class Int4Linear(QuantizedLinear):
         for rows in _row_blocks(w, multiple=BLOCK_ROWS):
             groups = w[rows].float().reshape(-1, self.in_features // self.group_size, self.group_size)
             lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-            scales = (
-                ((hi - lo).clamp(min=1e-8) / 15).to(self.scale_dtype).float()
-            )  # round with scale and zero as stored
+            # round with the scale and zero as stored
+            scales = ((hi - lo).clamp(min=1e-8) / 15).to(self.scale_dtype).float()
             zeros = (lo + 8 * scales).to(self.scale_dtype).float()
             q = torch.round((groups - zeros) / scales + 8).clamp(0, 15).to(torch.uint8).flatten(1)
             pairs = torch.stack([scales, zeros], dim=-1).squeeze(2).transpose(0, 1)

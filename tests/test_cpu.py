@@ -1,7 +1,7 @@
-"""The CPU's bf16 kernels (llama.cpu): this project's compiled ones (GEMV, RMSNorm, RoPE, one-query
-attention) against float64 references and Meta's modules; GemvLinear's ATen fallback and
-PackedLinear give F.linear's numbers with Meta's names kept; release_mapped gives back an mmap'd
-shard's pages without losing a byte."""
+"""How a model runs on the CPU (llama.cpu, llama.kernels): the compiled bf16 ops (GEMV, RMSNorm,
+RoPE, one-query attention) against float64 references and Meta's modules; GemvLinear's ATen fallback
+and PackedLinear give F.linear's numbers with Meta's names kept; GroupedQueryAttention gives SDPA's;
+release_mapped gives back an mmap'd shard's pages without losing a byte."""
 
 import math
 import os
@@ -10,11 +10,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import GQA, tokens
 
 from llama import LLaMa, cpu
 from llama.cpu import (
     GemvLinear,
+    GroupedQueryAttention,
     KernelAttention,
     KernelRMSNorm,
     PackedLinear,
@@ -23,7 +25,7 @@ from llama.cpu import (
     plain_modules,
     weight_bytes,
 )
-from llama.model import RMSNorm, apply_rotary_emb, precompute_freqs_cis
+from llama.model import Attention, ModelArgs, RMSNorm, apply_rotary_emb, precompute_freqs_cis
 from llama.runtime import release_mapped
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="this CPU's oneDNN has no bf16 kernels")
@@ -204,6 +206,33 @@ def test_load_state_dict_repacks_and_checks_shapes():
         model.load_state_dict({"0.weight": new.T})
     with pytest.raises(RuntimeError, match="Missing key"):
         model.load_state_dict({})
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)])
+def test_grouped_query_attention_gives_sdpas_numbers(dtype, tolerance):
+    """A GQA decode step as one product per kv head, against SDPA repeating the keys (float32 both
+    ways: the bound is the output's rounding to dtype)."""
+    args = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=8)
+    attention = GroupedQueryAttention(args)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 8, generator=g).to(dtype)
+    keys, values = (torch.randn(3, 2, 11, 8, generator=g).to(dtype) for _ in range(2))
+    got = attention.attend(q, keys, values, None)
+    k, v = (t.float().repeat_interleave(4, dim=1) for t in (keys, values))
+    expected = F.scaled_dot_product_attention(q.float(), k, v)
+    assert got.dtype == dtype and (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
+    prompt = torch.randn(3, 8, 5, 8, generator=g)  # more than one query: SDPA itself
+    k5, v5 = torch.randn(3, 2, 5, 8, generator=g), torch.randn(3, 2, 5, 8, generator=g)
+    assert torch.equal(attention.attend(prompt, k5, v5, None), Attention(args).attend(prompt, k5, v5, None))
+
+
+def test_float32_cpu_builds_use_grouped_attention_only(make_ckpt):
+    folder, _ = make_ckpt(GQA, 1)
+    llm = LLaMa.build(folder, max_seq_len=8, dtype="float32", device="cpu")
+    assert sum(type(m) is GroupedQueryAttention for m in llm.model.modules()) == GQA["n_layers"]
+    assert not any(
+        isinstance(m, (GemvLinear, PackedLinear, KernelRMSNorm, KernelAttention)) for m in llm.model.modules()
+    )
 
 
 def test_pack_is_refused_where_it_cannot_run(make_ckpt):

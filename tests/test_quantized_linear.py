@@ -28,7 +28,7 @@ def test_int8_torch_kernel_equals_dequantized_reference(dtype):
 
 
 def int8_activation_bound(x: torch.Tensor, weight_error: torch.Tensor, group: int) -> torch.Tensor:
-    """How far llama.cpu's int8 / int4 kernels may be from the exact product: each x row is rounded
+    """How far llama.kernels' int8 / int4 kernels may be from the exact product: each x row is rounded
     to int8 per group of inputs, steps of max|x| / 127 in the group, so each input is off by half a
     step, times |w| summed over the group (weight_error [out, in], the integer weight times its
     scale). [rows, out]"""

@@ -1,5 +1,6 @@
 """A Meta folder to a quantized folder (llama.quantize's format: int8 or int4 weights, loaded by
-LLaMa.build without quantizing again), quantized on the CPU as it is read:
+LLaMa.build without quantizing again), on the CPU. One shard already in the dtype (Meta's 7B in
+bf16) is quantized a matrix at a time as it is mapped; other folders are merged in the dtype first.
 
     python -m llama.convert.quantized llama-2-7b llama-2-7b-int4 --scheme int4
 """
