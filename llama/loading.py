@@ -75,14 +75,8 @@ def load_meta_folder(
     # Quantizing a shard that is used in place (mmap) keeps one float matrix resident at a time;
     # otherwise the float model is whole in memory first.
     in_place = quantize is not None and checkpoint.maps_in_place(dtype, device)
-    _check_memory(
-        model,
-        quantized_bytes(model, quantize) if in_place else weight_bytes(model),
-        max_batch_size,
-        max_seq_len,
-        device,
-    )
-    model.to_empty(device=device)
+    nbytes = quantized_bytes(model, quantize) if in_place else None
+    _allocate(model, device, max_batch_size, max_seq_len, nbytes)
     checkpoint.load_into(model)
     return _quantized(model, quantize), tokenizer
 
@@ -108,8 +102,7 @@ def load_quantized_folder(
     args = read_params(folder)
     tokenizer = _tokenizer(args, folder, tokenizer_path)
     model = make_quantized(_empty(args, dtype), scheme["scheme"], scheme.get("group_size") or 64, quantize=False)
-    _check_memory(model, weight_bytes(model), max_batch_size, max_seq_len, device)
-    model.to_empty(device=device)
+    _allocate(model, device, max_batch_size, max_seq_len)
     path = folder / "consolidated.00.pth"
     try:
         model.load_state_dict(load_shard(path), strict=True)  # the portable layout, read into the layers' own
@@ -133,9 +126,7 @@ def load_gguf(
     device, dtype = _placement(device, dtype, quantize)
     state_dict, args, proto = read_gguf(path, dtype)
     tokenizer = _tokenizer(args, Path(path), tokenizer_path, proto)
-    model = _empty(args, dtype)
-    _check_memory(model, weight_bytes(model), max_batch_size, max_seq_len, device)
-    model.to_empty(device=device)
+    model = _allocate(_empty(args, dtype), device, max_batch_size, max_seq_len)
     model.load_state_dict(state_dict, strict=True)
     return _quantized(model, quantize), tokenizer
 
@@ -157,9 +148,7 @@ def random_weights(
     path = Path(params)
     args = read_params(path) if path.is_dir() else preset_args(str(path))
     tokenizer = _tokenizer(args, path, tokenizer_path, required=False)
-    model = _empty(args, dtype)
-    _check_memory(model, weight_bytes(model), max_batch_size, max_seq_len, device)
-    model.to_empty(device=device)
+    model = _allocate(_empty(args, dtype), device, max_batch_size, max_seq_len)
     model.init_weights(torch.Generator(device=device).manual_seed(seed))
     return _quantized(model, quantize), tokenizer
 
@@ -216,11 +205,17 @@ def _empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
         return Transformer(args).to(dtype)
 
 
-def _check_memory(model: Transformer, weight_bytes: int, max_batch_size: int, max_seq_len: int, device: torch.device):
-    """Refuse weights and a KV cache (cache_k and cache_v per layer) that exceed free memory."""
+def _allocate(
+    model: Transformer, device: torch.device, max_batch_size: int, max_seq_len: int, nbytes: int | None = None
+) -> Transformer:
+    """Give the meta model its (uninitialised) memory on device, after refusing weights (nbytes when
+    they will not be the model's own size) and a KV cache (cache_k, cache_v per layer) that exceed
+    free memory."""
     cache = model.cache_shape(max_batch_size, max_seq_len)
     cache_bytes = 2 * len(model.layers) * math.prod(cache) * model.tok_embeddings.weight.dtype.itemsize
-    check_fits(weight_bytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
+    nbytes = weight_bytes(model) if nbytes is None else nbytes
+    check_fits(nbytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
+    return model.to_empty(device=device)
 
 
 def _quantized(model: Transformer, quantize: str | None) -> Transformer:
