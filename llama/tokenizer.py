@@ -1,65 +1,218 @@
-"""The SentencePiece tokenizer of LLaMA 1/2 and Code Llama, mirroring Meta's llama/tokenizer.py.
-
-Ids are plain Python ints; BOS/EOS are added by `encode` only when asked, as in Meta's code.
+"""Meta's tokenizers, chosen by what tokenizer.model contains: a SentencePiece model (Llama 1/2 and
+Code Llama, mirroring Meta's llama/tokenizer.py) or a tiktoken BPE file (Llama 3.x, mirroring
+llama_models/llama3/tokenizer.py). Both give plain int ids, BOS/EOS only when asked, and the ids
+that end a turn (stop_ids); StreamDecoder turns ids into text as they arrive, for either kind.
 """
 
+import base64
+import binascii
 import logging
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import tiktoken
 from sentencepiece import SentencePieceProcessor
 
 logger = logging.getLogger(__name__)
 
+# Llama 3's special tokens, ids 128000 on, in Meta's order; the rest of the 256 are reserved.
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: the model waits for a tool's answer
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+    "<|image|>",
+]
+LLAMA3_SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL_TOKENS) + 2)]
+# Meta's pre-tokenizer: contractions, words, numbers of up to 3 digits, punctuation, whitespace.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+# Meta encodes at most this many characters per tiktoken call, and cuts runs of whitespace or of
+# non-whitespace longer than MAX_RUN: both change the ids of very long texts, so both are kept.
+MAX_CHUNK, MAX_RUN = 400_000, 25_000
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n?")
+
 
 class Tokenizer:
+    """A tokenizer.model of either kind: Tokenizer(path) is a SentencePieceTokenizer or a
+    TiktokenTokenizer, by what the file holds (model_proto: SentencePiece bytes, path only names it)."""
+
+    path: Path
+    n_words: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    stop_ids: tuple[int, ...]  # a generated one ends the row
+
+    def __new__(cls, model_path: str | os.PathLike, model_proto: bytes | None = None):
+        if cls is Tokenizer:
+            cls = (
+                SentencePieceTokenizer
+                if model_proto is not None or not _is_tiktoken(Path(model_path))
+                else TiktokenTokenizer
+            )
+        return super().__new__(cls)
+
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"encode takes a str, got {type(s).__name__}: {s!r}")
+        t = self._encode(s)
+        return [self.bos_id] * bos + t + [self.eos_id] * eos
+
+    def _encode(self, s: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, t: list[int]) -> str:
+        raise NotImplementedError
+
+
+def _is_tiktoken(path: Path) -> bool:
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer model at {path}: pass tokenizer_path= the tokenizer.model file")
+    with open(path, "rb") as f:
+        return _TIKTOKEN_LINE.fullmatch(f.readline(4096)) is not None
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Llama 1/2 and Code Llama: Meta's SentencePiece BPE (byte fallback); Code Llama's 7B/13B
+    models add the infilling pieces (prefix_id, suffix_id, middle_id, eot_id, else None)."""
+
     def __init__(self, model_path: str | os.PathLike, model_proto: bytes | None = None):
-        """From a tokenizer.model file, or from its bytes (model_path then only names it)."""
-        path = Path(model_path)
-        if model_proto is None and not path.is_file():
-            raise FileNotFoundError(f"no tokenizer model at {path}: pass tokenizer_path= the tokenizer.model file")
-        self.path = path
+        self.path = Path(model_path)
         self.sp_model = SentencePieceProcessor()
         try:
             if model_proto is None:
-                self.sp_model.Load(str(path))
+                self.sp_model.Load(str(self.path))
             else:
                 self.sp_model.LoadFromSerializedProto(model_proto)
         except (OSError, RuntimeError) as e:
             raise ValueError(
-                f"{path} is not a SentencePiece model ({e}). Llama 1/2 and Code Llama tokenizers are; "
-                "Llama 3's tokenizer.model is a tiktoken file, which this project does not read"
+                f"{self.path} is neither a SentencePiece model ({e}) nor a tiktoken BPE file (lines of base64 "
+                "token, space, rank): pass the tokenizer.model that came with the model"
             ) from None
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
-        logger.info(
-            "tokenizer %s: %d words, BOS %d, EOS %d, PAD %d", path, self.n_words, self.bos_id, self.eos_id, self.pad_id
+        self.stop_ids = (self.eos_id,)
+        # Code Llama's infilling pieces (piece_to_id gives the unknown id, 0, for a missing piece)
+        self.prefix_id, self.suffix_id, self.middle_id, self.eot_id = (
+            self.sp_model.piece_to_id(p) or None for p in ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")
         )
-        assert self.sp_model.vocab_size() == self.sp_model.GetPieceSize()
+        logger.info(
+            "tokenizer %s: %d words, BOS %d, EOS %d, PAD %d",
+            self.path,
+            self.n_words,
+            self.bos_id,
+            self.eos_id,
+            self.pad_id,
+        )
 
-    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"encode takes a str, got {type(s).__name__}: {s!r}")
-        t = self.sp_model.encode(s)
-        if bos:
-            t = [self.bos_id] + t
-        if eos:
-            t = t + [self.eos_id]
-        return t
+    def _encode(self, s: str) -> list[int]:
+        return self.sp_model.encode(s)
 
     def decode(self, t: list[int]) -> str:
         return self.sp_model.decode(t)
+
+    def encode_infilling(self, s: str) -> list[int]:
+        """s without SentencePiece's leading space (Code Llama's suffixes): Meta encodes "☺" + s and
+        drops the first two pieces ("▁", "☺")."""
+        return self.sp_model.encode("☺" + s)[2:]
+
+    def decode_infilling(self, t: list[int]) -> str:
+        """The text of ids that continue a prefix, without a leading space added."""
+        return self.sp_model.decode([self.sp_model.piece_to_id("☺")] + t)[1:]
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama 3.x: byte-level BPE from a tiktoken file (128,000 ranks) plus Meta's 256 special tokens.
+    Text that spells a special token is encoded as text, never as the special id."""
+
+    def __init__(self, model_path: str | os.PathLike, model_proto: bytes | None = None):
+        self.path = Path(model_path)
+        ranks = _read_ranks(self.path)
+        self.special_tokens = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(
+            name=self.path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+        self.n_words: int = len(ranks) + len(self.special_tokens)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.eot_id: int = self.special_tokens["<|eot_id|>"]
+        self.eom_id: int = self.special_tokens["<|eom_id|>"]
+        self.stop_ids = (self.eos_id, self.eom_id, self.eot_id)
+        logger.info(
+            "tokenizer %s: %d words (tiktoken), BOS %d, EOS %d", self.path, self.n_words, self.bos_id, self.eos_id
+        )
+
+    def _encode(self, s: str) -> list[int]:
+        return [
+            t for piece in _pieces(s) for t in self.model.encode(piece, allowed_special=set(), disallowed_special=())
+        ]
+
+    def decode(self, t: list[int]) -> str:
+        return self.model.decode(t)
+
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken file's ranks: one `base64(token) rank` per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(
+                    f"{path}:{n} is not a tiktoken line (base64 token, space, rank): {line[:80]!r}"
+                ) from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: the ranks are not 0..{len(ranks) - 1} once each: the file is damaged")
+    return ranks
+
+
+def _pieces(s: str) -> Iterator[str]:
+    """s in the pieces Meta encodes one at a time (MAX_CHUNK characters, runs cut at MAX_RUN)."""
+    for i in range(0, len(s), MAX_CHUNK):
+        yield from split_runs(s[i : i + MAX_CHUNK], MAX_RUN)
+
+
+def split_runs(s: str, limit: int) -> Iterator[str]:
+    """s cut so that no piece holds more than `limit` consecutive whitespace or non-whitespace
+    characters (tiktoken's regex slows to a crawl on longer runs)."""
+    start, run, space = 0, 0, s[:1].isspace()
+    for i, ch in enumerate(s):
+        if ch.isspace() != space:
+            space, run = not space, 1
+        else:
+            run += 1
+            if run > limit:
+                yield s[start:i]
+                start, run = i, 1
+    yield s[start:]
 
 
 class StreamDecoder:
     """Incremental decoding of one row: `push(id)` returns the text that id completes.
 
-    Decoding a lone piece drops SentencePiece's leading-space marker and a lone byte piece is
-    not a character, so each step decodes a short window that starts one token back and takes
-    the difference; a window ending in U+FFFD (an unfinished UTF-8 sequence) waits for more.
-    The pieces returned always concatenate to decode(all ids pushed so far), minus any wait.
+    Decoding a lone piece drops SentencePiece's leading-space marker, and one character may span
+    several byte pieces (both kinds), so each step decodes a short window that starts one token
+    back and takes the difference; a window ending in U+FFFD (an unfinished UTF-8 sequence) waits
+    for more. The pieces returned always concatenate to decode(all ids pushed so far), minus any wait.
     """
 
     def __init__(self, tokenizer: Tokenizer):

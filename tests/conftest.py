@@ -5,9 +5,11 @@ The shard splitting below is written independently of llama/checkpoint.py, from 
 against a second reading of that layout rather than against itself.
 """
 
+import base64
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,40 @@ def train_sentencepiece(path: Path, lines: list[str], vocab_size: int, **options
     )
     path.write_bytes(buf.getvalue())
     return path
+
+
+def train_tiktoken(path: Path, lines: list[str], merges: int = 48) -> Path:
+    """A byte-level BPE in Llama 3's file format (base64 token, space, rank per line): the 256 bytes,
+    then the most frequent adjacent pairs of the corpus' words (with their leading space) merged."""
+    from collections import Counter
+    from itertools import pairwise
+
+    words = Counter(w.encode() for line in lines for w in re.findall(r" ?\S+|\s+", line))
+    ranks = {bytes([b]): b for b in range(256)}
+    split = {w: [w[i : i + 1] for i in range(len(w))] for w in words}
+    for _ in range(merges):
+        pairs = Counter()
+        for w, parts in split.items():
+            for pair in pairwise(parts):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks[a + b] = len(ranks)
+        for parts in split.values():
+            i = 0
+            while i < len(parts) - 1:
+                if (parts[i], parts[i + 1]) == (a, b):
+                    parts[i : i + 2] = [a + b]
+                i += 1
+    path.write_text("".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in ranks.items()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiktoken_path(tmp_path_factory) -> Path:
+    """A Llama 3 style tokenizer.model: 256 bytes + 48 merges, then Meta's 256 special tokens (560 ids)."""
+    return train_tiktoken(tmp_path_factory.mktemp("tiktoken") / "tokenizer.model", corpus())
 
 
 @pytest.fixture(scope="session")
