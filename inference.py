@@ -144,8 +144,9 @@ def chat(
     quantize: str | None = None,
     verbose: bool = False,
 ) -> None:
-    """Chat in the terminal in Llama 2's chat format (use a -chat model). The reply streams;
-    /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
+    """Chat in the terminal in the model's chat format (Llama 2's for a -chat model, Llama 3's for an
+    Instruct one). The reply streams; /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C
+    stops a reply."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     llm = LLaMa.build(
         ckpt_dir,
@@ -177,7 +178,7 @@ def chat(
         if not line.strip():
             continue
         dialog.append({"role": "user", "content": line})
-        if has_special_tags(dialog):
+        if has_special_tags(dialog, llm.tokenizer):
             print(f"llama> {UNSAFE_ERROR}", flush=True)
             dialog.pop()
             continue
@@ -187,7 +188,7 @@ def chat(
             dialog.pop()
             continue
         print("llama> ", end="", flush=True)
-        reply = ""
+        reply, reason = "", "end_of_turn"
         try:
             for event in llm.stream(
                 [tokens],
@@ -198,11 +199,12 @@ def chat(
                 repetition_penalty=repetition_penalty,
             ):
                 print(event.text, end="", flush=True)
-                reply += event.text
+                reply, reason = reply + event.text, event.stop_reason or reason
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         print(flush=True)
-        dialog.append({"role": "assistant", "content": reply})
+        # Llama 3 writes an answer that ended with <|eom_id|> back the same way
+        dialog.append({"role": "assistant", "content": reply, "stop_reason": reason})
 
 
 def fit_dialog(llm: LLaMa, dialog: list[dict], keep: int, max_gen_len: int) -> list[int] | None:

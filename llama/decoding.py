@@ -1,11 +1,11 @@
 """Meta's decoding loop (llama/generation.py's `generate`) as a generator of steps, and what is
 layered on it: each row's ids, logprobs and text as they complete (streaming, stop strings), and
-Meta's final cut (the prompt unless echo, the first EOS). The loop's batch is [B, total_len],
-right-padded with the tokenizer's pad id, decoded from the shortest prompt, longer prompts' tokens
-forced, each row done at its EOS or its max_gen_len-th token.
+Meta's final cut (the prompt unless echo, the first stop id). The loop's batch is [B, total_len],
+right-padded, decoded from the shortest prompt, longer prompts' tokens forced, each row done at a
+stop id (Llama 2's EOS; Llama 3's end of text, message or turn) or its max_gen_len-th token.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -22,22 +22,34 @@ class Step(NamedTuple):
     pos: int  # the position just filled
     tokens: list[int]  # the token at pos in each row: sampled, or the prompt's own
     new: list[bool]  # the token is new output: sampled after the row's prompt, before the row ended
-    ends: list[bool]  # the row ends with this new token: EOS, or its max_gen_len-th
+    ends: list[bool]  # the row ends with this new token: a stop id, or its max_gen_len-th
     logprobs: list[list[float]] | None  # per row, those of the tokens after the last step's pos, up to pos
 
 
 class StreamEvent(NamedTuple):
     index: int  # the row (prompt) in the batch
     text: str  # newly completed text, "" when only `done` is news
-    done: bool  # the row has finished: EOS, max_gen_len, a stop string or max_seq_len
+    done: bool  # the row has finished: a stop id, max_gen_len, a stop string or max_seq_len
+    stop_reason: str | None = None  # once done: see STOP_REASONS
+
+
+# Why a row ended, in Meta's words (llama_models' StopReason), plus this project's stop strings.
+STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens", "stop_string")
 
 
 class Completions(tuple):
-    """`tokens, texts = llm.text_completion(...)`; `.logprobs` holds the per-token logprobs."""
+    """`tokens, texts = llm.text_completion(...)`; `.logprobs` holds the per-token logprobs and
+    `.stop_reasons` why each row ended (STOP_REASONS)."""
 
-    def __new__(cls, tokens: list[list[int]], texts: list[str], logprobs: list[list[float]] | None = None):
+    def __new__(
+        cls,
+        tokens: list[list[int]],
+        texts: list[str],
+        logprobs: list[list[float]] | None = None,
+        stop_reasons: list[str] | None = None,
+    ):
         self = super().__new__(cls, (tokens, texts))
-        self.logprobs = logprobs
+        self.logprobs, self.stop_reasons = logprobs, stop_reasons
         return self
 
     tokens = property(lambda self: self[0])
@@ -52,7 +64,7 @@ def decode_steps(
     sampler: Sampler,
     generator: torch.Generator,
     pad_id: int,
-    eos_id: int,
+    stop_ids: Sequence[int],
     logprobs: bool = False,
 ) -> Iterator[Step]:
     """Meta's loop, one Step per position, until every row is done or max_seq_len is reached."""
@@ -65,16 +77,17 @@ def decode_steps(
     tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
     for k, t in enumerate(prompt_tokens):
         tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-    input_text_mask = tokens != pad_id
+    # From the lengths: Meta's code compares tokens with the pad id, and Llama 3's pad is a real
+    # token, which a prompt may hold.
+    input_text_mask = torch.arange(total_len, device=device) < prompt_lens[:, None]
+    stop = torch.tensor(stop_ids, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
 
     if min_prompt_len == total_len:
         if logprobs:
             # Nothing to generate: score the prompts. Logits at i predict token i + 1 (Meta's code
             # compares them with token i, one position off).
-            scores = -F.cross_entropy(
-                model(tokens, 0)[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad_id
-            )
+            scores = -F.cross_entropy(model(tokens, 0)[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
             yield Step(total_len - 1, tokens[:, -1].tolist(), [False] * bsz, [False] * bsz, scores.tolist())
         return
 
@@ -94,10 +107,10 @@ def decode_steps(
         scores = None
         if logprobs:
             target = tokens[:, prev_pos + 1 : cur_pos + 1]
-            scores = -F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=pad_id)
+            scores = -F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # never a pad: no ignore_index
         new = generated & ~done
-        # A row is done at its EOS or its last allowed token; later steps cannot change its output.
-        ends = new & ((token == eos_id) | (cur_pos + 1 >= prompt_lens + max_gen_len))
+        # A row is done at a stop id or its last allowed token; later steps cannot change its output.
+        ends = new & (torch.isin(token, stop) | (cur_pos + 1 >= prompt_lens + max_gen_len))
         done |= ends
         # one copy to the host per step (two with logprobs)
         row_tokens, row_new, row_ends, row_done = torch.stack([token, new.long(), ends.long(), done.long()]).tolist()
@@ -137,23 +150,34 @@ class _RowText:
 
 class Outputs:
     """Each row's output as the steps arrive: its ids (prompt first) and logprobs up to where it
-    ended and, when text is wanted (streaming, stop strings), its text, decoded as it completes."""
+    ended, why it ended and, when text is wanted (streaming, stop strings), its text, decoded as it
+    completes. stop_ids are the loop's (the tokenizer's, or Code Llama's <EOT> when infilling)."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[list[int]], stop: list[str], want_text: bool):
-        self.tokenizer, self.prompt_tokens = tokenizer, prompt_tokens
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_tokens: list[list[int]],
+        stop_ids: Sequence[int],
+        stop: list[str],
+        want_text: bool,
+    ):
+        self.tokenizer, self.prompt_tokens, self.stop_ids = tokenizer, prompt_tokens, set(stop_ids)
         self.tokens = [list(t) for t in prompt_tokens]
         self.logprobs = [[0.0] for _ in prompt_tokens]  # logprob i scores token i given the ones before it
-        self.ended = [False] * len(prompt_tokens)
+        self.stop_reasons: list[str | None] = [None] * len(prompt_tokens)  # None: not ended yet
         self.row_texts = [_RowText(tokenizer, stop) for _ in prompt_tokens] if want_text or stop else None
 
     def events(self, steps: Iterator[Step]) -> Iterator[StreamEvent]:
         """Take steps until every row has ended, yielding each row's new text (with text wanted)."""
         for step in steps:
             yield from self._add(step)
-            if all(self.ended):
+            if None not in self.stop_reasons:
                 break
-        if self.row_texts is not None:  # rows cut by max_seq_len
-            yield from (StreamEvent(b, row.finish(), True) for b, row in enumerate(self.row_texts) if not self.ended[b])
+        for b, reason in enumerate(self.stop_reasons):  # rows cut by max_seq_len
+            if reason is None:
+                self.stop_reasons[b] = "out_of_tokens"
+                if self.row_texts is not None:
+                    yield StreamEvent(b, self.row_texts[b].finish(), True, "out_of_tokens")
 
     def consume(self, steps: Iterator[Step]) -> None:
         for _ in self.events(steps):
@@ -161,38 +185,45 @@ class Outputs:
 
     def _add(self, step: Step) -> Iterator[StreamEvent]:
         for b, token in enumerate(step.tokens):
-            if self.ended[b]:
+            if self.stop_reasons[b] is not None:
                 continue
             if step.logprobs is not None:
                 self.logprobs[b] += step.logprobs[b]
             if not step.new[b]:
                 continue
             self.tokens[b].append(token)
-            self.ended[b] = step.ends[b]
+            if step.ends[b]:
+                self.stop_reasons[b] = self._reason(token)
             if self.row_texts is None:
                 continue
             row = self.row_texts[b]
-            text, stopped = ("", False) if token == self.tokenizer.eos_id else row.push(token)
-            self.ended[b] |= stopped
-            if self.ended[b]:
-                yield StreamEvent(b, text + ("" if stopped else row.finish()), True)
+            text, stopped = ("", False) if token in self.stop_ids else row.push(token)
+            if stopped:
+                self.stop_reasons[b] = "stop_string"
+            if self.stop_reasons[b] is not None:
+                yield StreamEvent(b, text + ("" if stopped else row.finish()), True, self.stop_reasons[b])
             elif text:
                 yield StreamEvent(b, text, False)
 
+    def _reason(self, token: int) -> str:
+        """Why a row that ended with this token ended."""
+        if token not in self.stop_ids:
+            return "out_of_tokens"  # its max_gen_len-th token
+        return "end_of_message" if token == getattr(self.tokenizer, "eom_id", None) else "end_of_turn"
+
     def completions(self, echo: bool, logprobs: bool) -> Completions:
-        """Meta's cut of each row: the generated ids (the prompt's too with echo) up to the first EOS."""
-        eos_id = self.tokenizer.eos_id
+        """Meta's cut of each row: the generated ids (after the prompt's with echo), up to the first
+        stop id among them (Meta's code also cuts at one inside an echoed prompt)."""
         out_tokens, out_logprobs, texts = [], [], []
         for b, prompt in enumerate(self.prompt_tokens):
+            generated = self.tokens[b][len(prompt) :]
+            end = len(prompt) + next((i for i, t in enumerate(generated) if t in self.stop_ids), len(generated))
             start = 0 if echo else len(prompt)
-            toks, probs = self.tokens[b][start:], self.logprobs[b][start:]
-            if eos_id in toks:
-                toks = toks[: toks.index(eos_id)]
-                probs = probs[: len(toks)]
-            out_tokens.append(toks)
-            out_logprobs.append(probs)
+            out_tokens.append(self.tokens[b][start:end])
+            out_logprobs.append(self.logprobs[b][start:end])
             if self.row_texts is None:
-                texts.append(self.tokenizer.decode(toks))
+                texts.append(self.tokenizer.decode(out_tokens[-1]))
             else:  # decoded as it came, cut before any stop string
                 texts.append((self.tokenizer.decode(prompt) if echo else "") + self.row_texts[b].text)
-        return Completions(out_tokens, texts, out_logprobs if logprobs else None)
+        reasons = [r or "out_of_tokens" for r in self.stop_reasons]
+        return Completions(out_tokens, texts, out_logprobs if logprobs else None, reasons)

@@ -138,26 +138,28 @@ class LLaMa:
         repetition_penalty: float = 1.0,
         stop: list[str] | None = None,
     ) -> list[dict]:
-        """Meta's chat_completion for Llama 2 chat models: [{"generation": {"role": "assistant",
-        "content": ...}}, ...] (with "tokens" and "logprobs" when logprobs). A dialog containing
-        the format's special tags gets Meta's error reply without being generated."""
+        """Meta's chat_completion, in the chat format of the model's tokenizer (Llama 2's [INST] or
+        Llama 3's headers; see llama.chat): [{"generation": {"role": "assistant", "content": ...,
+        "stop_reason": ...}}, ...], with "tokens" and "logprobs" when logprobs. stop_reason is
+        end_of_turn, end_of_message (Llama 3's <|eom_id|>), out_of_tokens or stop_string. A Llama 2
+        dialog containing the format's tags gets Meta's error reply (stop_reason None), ungenerated."""
         if not dialogs:
             raise ValueError("no dialogs: pass at least one")
         for i, dialog in enumerate(dialogs):
-            check_dialog(dialog, i)
-        safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog)]
+            check_dialog(dialog, i, self.tokenizer)
+        safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog, self.tokenizer)]
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        replies = [(UNSAFE_ERROR, [], [])] * len(dialogs)
+        replies = [(UNSAFE_ERROR, None, [], [])] * len(dialogs)
         if safe:
             prompt_tokens = [encode_dialog(self.tokenizer, dialogs[i]) for i in safe]
             self._check_prompts(prompt_tokens, max_gen_len)
             sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
             done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, False, stop)
             for j, i in enumerate(safe):
-                replies[i] = (done.texts[j], done.tokens[j], done.logprobs[j] if logprobs else [])
+                replies[i] = (done.texts[j], done.stop_reasons[j], done.tokens[j], done.logprobs[j] if logprobs else [])
         out = []
-        for text, tokens, probs in replies:
-            item = {"generation": {"role": "assistant", "content": text}}
+        for text, reason, tokens, probs in replies:
+            item = {"generation": {"role": "assistant", "content": text, "stop_reason": reason}}
             out.append(item | ({"tokens": tokens, "logprobs": probs} if logprobs else {}))
         return out
 
@@ -189,15 +191,17 @@ class LLaMa:
         outputs.consume(steps)
         return outputs.completions(echo, logprobs)
 
-    def _steps(self, prompt_tokens: list[list[int]], max_gen_len: int, sampler: Sampler, logprobs: bool = False):
-        """Meta's loop over these (checked) prompts."""
-        pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
-        return decode_steps(self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, eos_id, logprobs)
+    def _steps(self, prompt_tokens, max_gen_len, sampler, logprobs=False, stop_ids=None):
+        """Meta's loop over these (checked) prompts, to the tokenizer's stop ids unless others are given."""
+        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+        pad_id = self.tokenizer.pad_id
+        return decode_steps(self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, stop_ids, logprobs)
 
-    def _outputs(self, prompt_tokens: list[list[int]], stop: list[str] | None, want_text: bool) -> Outputs:
+    def _outputs(self, prompt_tokens, stop: list[str] | None, want_text: bool, stop_ids=None) -> Outputs:
         if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"stop={stop!r}: pass a list of non-empty strings")
-        return Outputs(self.tokenizer, prompt_tokens, list(stop or []), want_text)
+        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+        return Outputs(self.tokenizer, prompt_tokens, stop_ids, list(stop or []), want_text)
 
     def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
         """Refuse, before any step, a batch that does not fit the cache or asks for nothing."""

@@ -159,16 +159,19 @@ def write_checkpoint(
 MHA = dict(dim=64, n_layers=2, n_heads=4, vocab_size=96, multiple_of=32, norm_eps=1e-5)
 GQA = dict(MHA, n_kv_heads=2, ffn_dim_multiplier=1.3, multiple_of=48)
 THETA = dict(GQA, rope_theta=1e6)
+# Llama 3's features at a tiny size: GQA, rope_theta 500000, scaled RoPE, the tiktoken_path vocabulary.
+LLAMA3 = dict(GQA, vocab_size=560, rope_theta=500000.0, use_scaled_rope=True)
 
 
 @pytest.fixture
 def make_ckpt(tmp_path, sp_model_path):
-    """make_ckpt(params, n_shards=1, **kw) -> (folder, full float32 state dict), tokenizer beside it."""
+    """make_ckpt(params, n_shards=1, tokenizer=None, **kw) -> (folder, full float32 state dict), with the
+    SentencePiece model (or the tokenizer.model given) beside it."""
 
-    def make(params: dict = MHA, n_shards: int = 1, name: str = "model", **kw):
+    def make(params: dict = MHA, n_shards: int = 1, name: str = "model", tokenizer: Path | None = None, **kw):
         folder = tmp_path / name
         sd = write_checkpoint(folder, params, n_shards, **kw)
-        (folder / "tokenizer.model").write_bytes(sp_model_path.read_bytes())
+        (folder / "tokenizer.model").write_bytes((tokenizer or sp_model_path).read_bytes())
         return folder, sd
 
     return make
@@ -180,6 +183,15 @@ def llm(make_ckpt):
     from llama import LLaMa
 
     folder, _ = make_ckpt(GQA, 2)
+    return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
+
+
+@pytest.fixture
+def llm3(make_ckpt, tiktoken_path):
+    """A float32 Llama 3 shaped LLaMa (tiktoken vocabulary, embedding split on the vocabulary)."""
+    from llama import LLaMa
+
+    folder, _ = make_ckpt(LLAMA3, 2, tokenizer=tiktoken_path, vocab_parallel_embedding=True)
     return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
 
 

@@ -132,3 +132,36 @@ def test_stream_leaves_autograd_alone_between_steps(llm):
     (w * 3).sum().backward()
     assert torch.equal(w.grad, torch.full((2,), 3.0))
     assert "".join(e.text for e in events) is not None  # the stream goes on afterwards
+
+
+def test_llama3_rows_stop_at_any_stop_id_and_say_why(llm3):
+    tok = llm3.tokenizer
+    word = tok.encode(" king", bos=False, eos=False)
+    rows = [word + [tok.eot_id], word + [tok.eom_id], word + [tok.eos_id], word * 9, word + word + [tok.eot_id]]
+    scripted(llm3, rows[:4])
+    done = llm3.text_completion(["a", "b", "c", "d"], temperature=0, max_gen_len=len(word) + 2)
+    assert done.stop_reasons == ["end_of_turn", "end_of_message", "end_of_turn", "out_of_tokens"]
+    assert done.tokens[:3] == [word] * 3 and done.texts[:3] == [" king"] * 3  # cut before the stop id
+    llm3.model.output._forward_hooks.clear()
+    scripted(llm3, [rows[4], rows[1]])
+    events = list(llm3.stream(["a", "b"], temperature=0, max_gen_len=20, stop=["king king"]))
+    assert {e.index: e.stop_reason for e in events if e.done} == {0: "stop_string", 1: "end_of_message"}
+    assert all(e.stop_reason is None for e in events if not e.done)
+
+
+def test_a_prompt_token_equal_to_the_pad_id_stays_in_the_prompt(llm3):
+    """Llama 3's pad id is a real token: which positions are prompt comes from the lengths (Meta's
+    code compares with the pad id, and would overwrite this prompt's token 2 with a sample)."""
+    pad = llm3.tokenizer.pad_id
+    prompts = [[llm3.tokenizer.bos_id, 300, pad, 301, 302], [llm3.tokenizer.bos_id, 303]]
+    batch, _ = llm3.generate(prompts, 6, temperature=0, echo=True)
+    alone, _ = llm3.generate(prompts[:1], 6, temperature=0, echo=True)
+    assert batch[0][:5] == prompts[0] and batch[0] == alone[0]
+
+
+def test_echo_keeps_a_prompt_that_holds_a_stop_id(llm3):
+    tok = llm3.tokenizer
+    prompt = [tok.bos_id, 300, tok.eot_id, 301]  # e.g. a finished chat turn
+    scripted(llm3, [[302, 303, tok.eot_id]])
+    tokens, _ = llm3.generate([prompt], 5, temperature=0, echo=True)
+    assert tokens[0] == prompt + [302, 303]  # Meta's cut would stop at the prompt's <|eot_id|>

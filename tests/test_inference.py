@@ -256,3 +256,22 @@ def test_ctrl_c_stops_the_reply_not_the_session(folder, tmp_path):
         proc.kill()
     assert proc.returncode == 0, err
     assert "[stopped]" in out
+
+
+def test_a_llama3_folder_completes_and_chats(make_ckpt, tiktoken_path):
+    """The same commands on a Llama 3 folder: its tokenizer, its chat format, its stop ids."""
+    from conftest import LLAMA3
+
+    from llama import LLaMa
+
+    folder, _ = make_ckpt(LLAMA3, 2, tokenizer=tiktoken_path, vocab_parallel_embedding=True)
+    llm = LLaMa.build(folder, max_seq_len=128, max_batch_size=1)
+    r = run("--ckpt_dir", str(folder), "--prompt", "the king", "--max_gen_len", "5", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    expected = llm.text_completion(["the king"], temperature=0, max_gen_len=5).texts[0]
+    assert f"the king\n> {expected}\n" in r.stdout
+    r = chat_session(folder, ["the king", "/exit"], "--max_gen_len", "6", "--max_seq_len", "128")
+    assert r.returncode == 0, r.stderr
+    reply = r.stdout.split("llama> ", 1)[1].split("\nyou> ", 1)[0]
+    dialog = [{"role": "user", "content": "the king"}]
+    assert reply == llm.chat_completion([dialog], temperature=0, max_gen_len=6)[0]["generation"]["content"]
