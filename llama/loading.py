@@ -6,6 +6,7 @@ weights that would not fit in free memory beside the run's KV cache. LLaMa.build
 """
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -15,10 +16,12 @@ import torch
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, load_shard, read_params
 from llama.convert.gguf import read_gguf
 from llama.cpu import weight_bytes
-from llama.model import ModelArgs, Transformer
+from llama.model import LLAMA3_2_SHAPES, ModelArgs, Transformer
 from llama.quantize import check_scheme, make_quantized, quantized_bytes, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
 from llama.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "params"
 BUILTIN_MODEL = Path(__file__).resolve().parent / "models" / "shakespeare"
@@ -200,7 +203,22 @@ def _placement(device: str | torch.device | None, dtype: str | torch.dtype | Non
 
 
 def _empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
-    """The architecture on the meta device: shapes and dtypes, no memory."""
+    """The architecture on the meta device: shapes and dtypes, no memory. Logs the scaled RoPE's
+    factor, which params.json leaves to the reader for Llama 3.2 (ModelArgs.rope_factor)."""
+    if args.use_scaled_rope:
+        shape = (args.dim, args.n_layers, args.n_heads, args.kv_heads)
+        why = (
+            "params.json's rope_scaling_factor"
+            if args.rope_scaling_factor is not None
+            else (
+                f"{LLAMA3_2_SHAPES[shape]}'s shape"
+                if shape in LLAMA3_2_SHAPES
+                else "Meta's code's, for Llama 3.1 and 3.3"
+            )
+        )
+        logger.info(
+            "scaled RoPE, factor %g (%s); rope_scaling_factor in params.json sets another", args.rope_factor, why
+        )
     with torch.device("meta"):
         return Transformer(args).to(dtype)
 

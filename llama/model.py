@@ -26,6 +26,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling
+    rope_scaling_factor: float | None = None  # its factor; None: rope_factor's choice (Meta's name, from Llama 4)
     extra: dict = field(default_factory=dict)  # params.json keys this version does not use
 
     @classmethod
@@ -44,7 +45,18 @@ class ModelArgs:
             del out["ffn_dim_multiplier"]
         if not out["use_scaled_rope"]:
             del out["use_scaled_rope"]
+        if out["rope_scaling_factor"] is None:
+            del out["rope_scaling_factor"]
         return {**out, **self.extra}
+
+    @property
+    def rope_factor(self) -> float:
+        """The scaled RoPE's factor: rope_scaling_factor when params.json gives one, else 32 for
+        Llama 3.2 1B and 3B (LLAMA3_2_SHAPES), else the 8 of Meta's code (Llama 3.1, 3.3)."""
+        if self.rope_scaling_factor is not None:
+            return self.rope_scaling_factor
+        shape = (self.dim, self.n_layers, self.n_heads, self.kv_heads)
+        return 32.0 if shape in LLAMA3_2_SHAPES else LLAMA3_ROPE_SCALING["factor"]
 
     @property
     def head_dim(self) -> int:
@@ -64,13 +76,19 @@ class ModelArgs:
 
 
 # Llama 3.1's RoPE scaling constants (Meta's, "obtained from grid search"), under the names Hugging
-# Face configs give them: apply_scaling reads them, llama.convert.hf writes them.
+# Face configs give them: apply_scaling reads them, llama.convert.hf writes them. The factor is the
+# default of ModelArgs.rope_factor.
 LLAMA3_ROPE_SCALING = {
     "factor": 8.0,
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+# Llama 3.2 1B and 3B were trained with a factor of 32, which their params.json cannot say (it has
+# only use_scaled_rope) and Meta's reference code does not apply (it hard-codes 8); Meta's
+# maintainers confirmed 32 (meta-llama/llama-models issues 166 and 241). Their (dim, n_layers,
+# n_heads, n_kv_heads), from Meta's released params.json:
+LLAMA3_2_SHAPES = {(2048, 16, 32, 8): "Llama 3.2 1B", (3072, 28, 24, 8): "Llama 3.2 3B"}
 
 
 class RMSNorm(nn.Module):
@@ -87,10 +105,9 @@ class RMSNorm(nn.Module):
         return self._norm(x.float()).type_as(x) * self.weight
 
 
-def apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
-    """Llama 3.1's RoPE scaling, as Meta's llama3/model.py writes it: slow the low frequencies,
-    keep the high ones, blend in between."""
-    scale_factor = LLAMA3_ROPE_SCALING["factor"]
+def apply_scaling(freqs: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling, as Meta's llama3/model.py writes it: slow the low frequencies by
+    scale_factor, keep the high ones, blend in between (Meta's Llama 4 code passes the factor in)."""
     low_freq_factor = LLAMA3_ROPE_SCALING["low_freq_factor"]
     high_freq_factor = LLAMA3_ROPE_SCALING["high_freq_factor"]
     old_context_len = LLAMA3_ROPE_SCALING["original_max_position_embeddings"]  # original llama3 length
@@ -108,11 +125,13 @@ def apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
     )
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False) -> torch.Tensor:
+def precompute_freqs_cis(
+    dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False, scale_factor: float = 8.0
+) -> torch.Tensor:
     """Unit complex rotations [end, dim/2] for positions 0..end-1, computed in float32 on the CPU."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
     if use_scaled:
-        freqs = apply_scaling(freqs)
+        freqs = apply_scaling(freqs, scale_factor)
     t = torch.arange(end, dtype=torch.float32)
     freqs = torch.outer(t, freqs)
     return torch.polar(torch.ones_like(freqs), freqs)
@@ -253,7 +272,7 @@ class Transformer(nn.Module):
 
     def _freqs(self, end: int) -> torch.Tensor:
         p = self.params
-        return precompute_freqs_cis(p.head_dim, end, p.rope_theta, p.use_scaled_rope)
+        return precompute_freqs_cis(p.head_dim, end, p.rope_theta, p.use_scaled_rope, p.rope_factor)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Float32 logits [B, T, vocab] for tokens [B, T] at positions start_pos..start_pos+T-1.

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import GQA, MHA, THETA, tokens, write_checkpoint
 
+from llama.checkpoint import load_merged
 from llama.convert.hf import config_to_args, ffn_params, hf_folder_to_meta, meta_folder_to_hf, permute_rope
 from llama.generation import LLaMa
-from llama.model import ModelArgs
+from llama.model import ModelArgs, Transformer
 
 pytest.importorskip("safetensors")
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +104,15 @@ HF_CASES = {
         rope_parameters=LLAMA3_ROPE,
         max_position_embeddings=131072,
     ),
+    "llama3.2-tied-rope32": dict(  # as Meta's Llama 3.2 1B/3B are on the hub
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_parameters=dict(LLAMA3_ROPE, factor=32.0),
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -114,7 +124,8 @@ def test_hf_to_meta_gives_transformers_logits(tmp_path, sp_model_path, case):
     n_shards = 2 if case == "gqa-sharded" else 1
     meta = hf_folder_to_meta(tmp_path / "hf", tmp_path / "meta", n_shards=n_shards)
     params = json.loads((meta / "params.json").read_text())
-    assert params.get("use_scaled_rope", False) == (case == "llama3.1-rope")
+    assert params.get("use_scaled_rope", False) == case.startswith("llama3")
+    assert params.get("rope_scaling_factor") == (32.0 if case == "llama3.2-tied-rope32" else None)
     assert ModelArgs.from_params(params).ffn_hidden_dim == HF_CASES[case]["intermediate_size"]
     x = tokens(96, 2, 20)
     with torch.no_grad():
@@ -170,8 +181,9 @@ def test_missing_files_and_foreign_configs_are_clear_errors(tmp_path):
         config_to_args(dict(config, architectures=["LlamaForSequenceClassification"]))
     with pytest.raises(ValueError, match="rope scaling .*'linear'"):
         config_to_args(dict(config, rope_scaling={"type": "linear", "factor": 2.0}))
-    with pytest.raises(ValueError, match="rope scaling .*'factor': 4.0"):
-        config_to_args(dict(config, rope_parameters=dict(LLAMA3_ROPE, factor=4.0)))
+    with pytest.raises(ValueError, match="rope scaling .*'low_freq_factor': 2.0"):
+        config_to_args(dict(config, rope_parameters=dict(LLAMA3_ROPE, low_freq_factor=2.0)))
+    assert config_to_args(dict(config, rope_parameters=dict(LLAMA3_ROPE, factor=4.0))).rope_factor == 4.0
     with pytest.raises(ValueError, match="attention_bias=true"):
         config_to_args(dict(config, attention_bias=True))
     with pytest.raises(FileNotFoundError, match="no params.json"):
@@ -196,3 +208,28 @@ def test_cli_round_trip(tmp_path, sp_model_path):
         [*run, "to_meta", tmp_path / "nowhere", tmp_path / "x"], cwd=REPO, capture_output=True, text=True
     )
     assert failed.returncode == 1 and "error: no config.json in" in failed.stderr
+
+
+# Llama 3's vocabulary and scaled RoPE at a tiny width; the embedding split on the vocabulary.
+LLAMA3_TINY = dict(SCALED, vocab_size=128256, n_heads=4, n_kv_heads=2)
+
+
+@pytest.mark.parametrize("n_shards, factor", [(1, None), (2, 32.0)], ids=["1-shard-factor8", "2-shards-factor32"])
+def test_llama3_shapes_equal_transformers_rope_type_llama3(tmp_path, sp_model_path, n_shards, factor):
+    """Logits over 512 positions (where the factor moves them by ~1e-2) equal LlamaForCausalLM's."""
+    transformers = pytest.importorskip("transformers")
+    params = LLAMA3_TINY | ({"rope_scaling_factor": factor} if factor else {})
+    write_checkpoint(tmp_path / "meta", params, n_shards, vocab_parallel_embedding=True)
+    (tmp_path / "meta" / "tokenizer.model").write_bytes(sp_model_path.read_bytes())  # not read here
+    state_dict, args = load_merged(tmp_path / "meta")
+    assert args.rope_factor == (factor or 8.0)
+    hf = meta_folder_to_hf(tmp_path / "meta", tmp_path / "hf")
+    assert json.loads((hf / "config.json").read_text())["rope_parameters"]["factor"] == args.rope_factor
+    theirs = transformers.LlamaForCausalLM.from_pretrained(
+        hf, torch_dtype=torch.float32, attn_implementation="eager", local_files_only=True
+    )
+    ours = Transformer(args)
+    ours.load_state_dict(state_dict)
+    x = tokens(128256, 1, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs.eval()(input_ids=x).logits.float(), atol=1e-4, rtol=0)

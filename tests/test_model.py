@@ -77,6 +77,12 @@ def test_params_round_trip_keeps_unknown_keys():
         ("llama-2-13b", 32000, 13_015_864_320),
         ("llama-2-70b", 32000, 68_976_648_192),
         ("llama-3-8b", 128256, 8_030_261_248),
+        ("llama-3.1-8b", 128256, 8_030_261_248),
+        ("llama-3.1-70b", 128256, 70_553_706_496),
+        ("llama-3.1-405b", 128256, 405_853_388_800),
+        ("llama-3.2-1b", 128256, 1_235_814_400),  # published with the output tied to the embedding
+        ("llama-3.2-3b", 128256, 3_212_749_824),
+        ("llama-3.3-70b", 128256, 70_553_706_496),
     ],
 )
 def test_preset_parameter_counts_equal_published(name, vocab, count):
@@ -86,7 +92,25 @@ def test_preset_parameter_counts_equal_published(name, vocab, count):
     args.vocab_size = vocab
     with torch.device("meta"):
         model = Transformer(args)
-    assert sum(p.numel() for p in model.parameters()) == count
+    tied = name.startswith("llama-3.2")  # Meta's folder holds output.weight all the same
+    assert sum(p.numel() for p in model.parameters()) - tied * model.output.weight.numel() == count
+
+
+@pytest.mark.parametrize(
+    "name, factor", [("llama-3.1-8b", 8), ("llama-3.2-1b", 32), ("llama-3.2-3b", 32), ("llama-3.3-70b", 8)]
+)
+def test_scaled_rope_factor_is_32_for_llama_3_2_and_params_json_can_choose(name, factor):
+    params = json.loads((PRESETS / f"{name}.json").read_text())
+    assert "rope_scaling_factor" not in params  # Meta's params.json cannot say it
+    args = ModelArgs.from_params(params)
+    assert args.rope_factor == factor
+    chosen = ModelArgs.from_params(dict(params, rope_scaling_factor=16.0))
+    assert chosen.rope_factor == 16 and chosen.to_params()["rope_scaling_factor"] == 16
+    assert "rope_scaling_factor" not in args.to_params()
+    # the factor reaches the rotations: low frequencies slow by it, the highest stay
+    plain = precompute_freqs_cis(args.head_dim, 2, args.rope_theta).angle()[1]
+    scaled = precompute_freqs_cis(args.head_dim, 2, args.rope_theta, True, args.rope_factor).angle()[1]
+    assert torch.allclose(scaled[-1], plain[-1] / factor) and scaled[0] == plain[0]
 
 
 def test_every_preset_builds_on_meta_device():

@@ -120,12 +120,13 @@ def config_to_args(config: dict) -> ModelArgs:
     rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
     rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
     rope.setdefault("rope_type", rope.pop("type", "default"))
-    scaled = rope == LLAMA3_ROPE
+    factor = rope.get("factor")
+    scaled = rope == {**LLAMA3_ROPE, "factor": factor}  # Llama 3.1's scaling, any factor (3.2's is 32)
     if rope["rope_type"] != "default" and not scaled:
-        raise ValueError(f"rope scaling {rope} is not supported: Meta's layout knows only Llama 3.1's {LLAMA3_ROPE}")
+        raise ValueError(f"rope scaling {rope} is not supported: Meta's layout knows only Llama 3's {LLAMA3_ROPE}")
     n_kv_heads = config.get("num_key_value_heads") or n_heads
     hint = {k: config[k] for k in ("multiple_of", "ffn_dim_multiplier") if config.get(k) is not None}
-    return ModelArgs(
+    args = ModelArgs(
         dim=dim,
         n_layers=config["num_hidden_layers"],
         n_heads=n_heads,
@@ -136,11 +137,14 @@ def config_to_args(config: dict) -> ModelArgs:
         rope_theta=rope_theta,
         use_scaled_rope=scaled,
     )
+    if scaled and factor != args.rope_factor:  # params.json says it only where the shape does not
+        args.rope_scaling_factor = float(factor)
+    return args
 
 
 def args_to_config(args: ModelArgs, vocab_size: int, dtype: torch.dtype) -> dict:
     """A LlamaForCausalLM config.json for Meta's params, readable by transformers 5 and 4.x alike."""
-    rope = {**LLAMA3_ROPE, "rope_theta": args.rope_theta} if args.use_scaled_rope else None
+    rope = {**LLAMA3_ROPE, "factor": args.rope_factor, "rope_theta": args.rope_theta} if args.use_scaled_rope else None
     default_positions = 131072 if args.use_scaled_rope else 4096  # 3.1's, above its scaling's 8192
     config = {
         "architectures": ["LlamaForCausalLM"],
