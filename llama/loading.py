@@ -184,7 +184,7 @@ def _tokenizer(
         if args.vocab_size == -1:
             raise ValueError(f"{path} has vocab_size -1, which is taken from the tokenizer: pass tokenizer_path=")
         return None
-    tokenizer = Tokenizer(tokenizer_path or path, model_proto=None if tokenizer_path else proto)
+    tokenizer = Tokenizer(tokenizer_path or path, contents=None if tokenizer_path else proto)
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
     elif args.vocab_size != tokenizer.n_words:

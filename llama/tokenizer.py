@@ -46,7 +46,7 @@ _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n?")
 
 class Tokenizer:
     """A tokenizer.model of either kind: Tokenizer(path) is a SentencePieceTokenizer or a
-    TiktokenTokenizer, by what the file holds (model_proto: SentencePiece bytes, path only names it)."""
+    TiktokenTokenizer, by what the file holds (or `contents`, the file's bytes: path then only names it)."""
 
     path: Path
     n_words: int
@@ -55,13 +55,10 @@ class Tokenizer:
     pad_id: int
     stop_ids: tuple[int, ...]  # a generated one ends the row
 
-    def __new__(cls, model_path: str | os.PathLike, model_proto: bytes | None = None):
+    def __new__(cls, model_path: str | os.PathLike, contents: bytes | None = None):
         if cls is Tokenizer:
-            cls = (
-                SentencePieceTokenizer
-                if model_proto is not None or not _is_tiktoken(Path(model_path))
-                else TiktokenTokenizer
-            )
+            tiktoken_file = _TIKTOKEN_LINE.fullmatch(_first_line(Path(model_path), contents))
+            cls = TiktokenTokenizer if tiktoken_file else SentencePieceTokenizer
         return super().__new__(cls)
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
@@ -77,25 +74,27 @@ class Tokenizer:
         raise NotImplementedError
 
 
-def _is_tiktoken(path: Path) -> bool:
+def _first_line(path: Path, contents: bytes | None) -> bytes:
+    if contents is not None:
+        return contents[:4096].split(b"\n", 1)[0]
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer model at {path}: pass tokenizer_path= the tokenizer.model file")
     with open(path, "rb") as f:
-        return _TIKTOKEN_LINE.fullmatch(f.readline(4096)) is not None
+        return f.readline(4096)
 
 
 class SentencePieceTokenizer(Tokenizer):
     """Llama 1/2 and Code Llama: Meta's SentencePiece BPE (byte fallback); Code Llama's 7B/13B
     models add the infilling pieces (prefix_id, suffix_id, middle_id, eot_id, else None)."""
 
-    def __init__(self, model_path: str | os.PathLike, model_proto: bytes | None = None):
+    def __init__(self, model_path: str | os.PathLike, contents: bytes | None = None):
         self.path = Path(model_path)
         self.sp_model = SentencePieceProcessor()
         try:
-            if model_proto is None:
+            if contents is None:
                 self.sp_model.Load(str(self.path))
             else:
-                self.sp_model.LoadFromSerializedProto(model_proto)
+                self.sp_model.LoadFromSerializedProto(contents)
         except (OSError, RuntimeError) as e:
             raise ValueError(
                 f"{self.path} is neither a SentencePiece model ({e}) nor a tiktoken BPE file (lines of base64 "
@@ -139,14 +138,14 @@ class TiktokenTokenizer(Tokenizer):
     """Llama 3.x: byte-level BPE from a tiktoken file (128,000 ranks) plus Meta's 256 special tokens.
     Text that spells a special token is encoded as text, never as the special id."""
 
-    def __init__(self, model_path: str | os.PathLike, model_proto: bytes | None = None):
+    def __init__(self, model_path: str | os.PathLike, contents: bytes | None = None):
         self.path = Path(model_path)
-        ranks = _read_ranks(self.path)
-        self.special_tokens = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.ranks = _read_ranks(self.path, self.path.read_bytes() if contents is None else contents)
+        self.special_tokens = {token: len(self.ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(
-            name=self.path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
+            name=self.path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=self.ranks, special_tokens=self.special_tokens
         )
-        self.n_words: int = len(ranks) + len(self.special_tokens)
+        self.n_words: int = len(self.ranks) + len(self.special_tokens)
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
         self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
@@ -166,20 +165,17 @@ class TiktokenTokenizer(Tokenizer):
         return self.model.decode(t)
 
 
-def _read_ranks(path: Path) -> dict[bytes, int]:
+def _read_ranks(path: Path, contents: bytes) -> dict[bytes, int]:
     """A tiktoken file's ranks: one `base64(token) rank` per line."""
     ranks = {}
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except (ValueError, binascii.Error):
-                raise ValueError(
-                    f"{path}:{n} is not a tiktoken line (base64 token, space, rank): {line[:80]!r}"
-                ) from None
+    for n, line in enumerate(contents.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"{path}:{n} is not a tiktoken line (base64 token, space, rank): {line[:80]!r}") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: the ranks are not 0..{len(ranks) - 1} once each: the file is damaged")
     return ranks

@@ -55,7 +55,7 @@ def main(
     text = path.read_text(encoding="utf-8")
     split = int(0.9 * len(text))
     tokenizer_proto = train_tokenizer(text[:split], vocab_size)
-    tokenizer = Tokenizer("tokenizer.model", model_proto=tokenizer_proto)
+    tokenizer = Tokenizer("tokenizer.model", contents=tokenizer_proto)
     train_ids, val_ids = encode_exactly(tokenizer, text[:split]), encode_exactly(tokenizer, text[split:])
     print(f"{len(text):,} characters: {len(train_ids):,} train and {len(val_ids):,} validation tokens")
 

@@ -88,7 +88,7 @@ def test_bad_inputs_are_refused():
 def test_tokenizer_round_trips_newlines_and_runs_of_spaces():
     text = "\n".join(speech_lines(300)) + "\n"
     proto = train_tokenizer(text, vocab_size=320)
-    tok = Tokenizer("tokenizer.model", model_proto=proto)
+    tok = Tokenizer("tokenizer.model", contents=proto)
     assert (tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id, tok.sp_model.unk_id()) == (320, 1, 2, -1, 0)
     samples = ["ROMEO:\nthe king\n\n\nJULIET:\n   two  spaces  ", " lead\tand trail \n", "naïve café 🦙\r\n"]
     for s in [text[:500], *samples]:
