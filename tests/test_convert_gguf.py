@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import (
     GQA,
+    LLAMA3,
     MHA,
     THETA,
     corpus,
@@ -232,8 +233,10 @@ def test_foreign_unsupported_and_damaged_files_are_clear_errors(make_ckpt, tmp_p
         read_gguf(tmp_path / "nowhere.gguf")
     with pytest.raises(ValueError, match="holds a 'gpt2' model: only general.architecture 'llama'"):
         read_gguf(tiny_gguf(tmp_path / "gpt2.gguf", architecture="gpt2"))
-    with pytest.raises(ValueError, match="'gpt2' vocabulary: only SentencePiece vocabularies"):
-        read_gguf(tiny_gguf(tmp_path / "llama3.gguf", vocabulary="gpt2"))  # Llama 3's tiktoken BPE
+    with pytest.raises(ValueError, match="0 special tokens .*a Llama 3 vocabulary has 256"):
+        read_gguf(tiny_gguf(tmp_path / "gpt2-vocab.gguf", vocabulary="gpt2"))  # a byte-level BPE, but not Llama 3's
+    with pytest.raises(ValueError, match="'bert' vocabulary: only SentencePiece .* and Llama 3's byte-level BPE"):
+        read_gguf(tiny_gguf(tmp_path / "bert-vocab.gguf", vocabulary="bert"))
 
     folder, _ = make_ckpt(MHA)
     tokenizer = Tokenizer(folder / "tokenizer.model")
@@ -293,3 +296,46 @@ def test_cli_round_trip(tmp_path, sp_model_path):
         [*run, "to_meta", tmp_path / "meta" / "params.json", tmp_path / "x"], cwd=REPO, capture_output=True, text=True
     )
     assert failed.returncode == 1 and "error: cannot read" in failed.stderr
+
+
+def llama3_folder(make_ckpt, tiktoken_path, factor: float | None = None):
+    params = LLAMA3 | ({"rope_scaling_factor": factor} if factor else {})
+    return make_ckpt(params, 2, tokenizer=tiktoken_path, vocab_parallel_embedding=True), params
+
+
+@pytest.mark.parametrize("factor", [None, 32.0], ids=["factor8", "factor32"])
+def test_llama3_folder_to_gguf_and_back_keeps_vocabulary_and_scaled_rope(make_ckpt, tiktoken_path, tmp_path, factor):
+    (folder, original), params = llama3_folder(make_ckpt, tiktoken_path, factor)
+    path = meta_folder_to_gguf(folder, tmp_path / "model.gguf", "F32")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    out = gguf_to_meta_folder(path, tmp_path / "back", n_shards=2, dtype="float32")
+    assert json.loads((out / "params.json").read_text()) == ModelArgs.from_params(params).to_params()
+    assert (out / "tokenizer.model").read_bytes() == tiktoken_path.read_bytes()
+    state_dict, _, _ = read_gguf(path)
+    assert all(torch.equal(state_dict[k], w) for k, w in original.items())
+
+
+def test_llama3_gguf_tokenizes_and_computes_as_llama_cpp(make_ckpt, tiktoken_path, tmp_path):
+    """llama.cpp reads the file's gpt2 vocabulary, merges and scaled-RoPE divisors as ours."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    (folder, original), params = llama3_folder(make_ckpt, tiktoken_path, 32.0)
+    path = meta_folder_to_gguf(folder, tmp_path / "model.gguf", "F32")
+    theirs = llama_cpp.Llama(
+        str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+    )  # fmt: skip
+    ours = Tokenizer(folder / "tokenizer.model")
+    for text in [*TEXTS, "far land 1234567 spoke?!"]:
+        assert theirs.tokenize(text.encode(), add_bos=True, special=False) == ours.encode(text, bos=True, eos=False), (
+            text
+        )
+    ids = tokens(params["vocab_size"], 1, 48)[0]
+    theirs.eval(ids.tolist())
+    expected = torch.from_numpy(np.array(theirs.scores[: len(ids)]))
+    theirs.close()
+    model = Transformer(ModelArgs.from_params(params))
+    model.load_state_dict(original)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[None])[0], expected, atol=1e-4, rtol=0)

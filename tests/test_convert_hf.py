@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GQA, MHA, THETA, tokens, write_checkpoint
+from conftest import GQA, MHA, THETA, needs_shared, tokens, write_checkpoint
 
 from llama.checkpoint import load_merged
 from llama.convert.hf import config_to_args, ffn_params, hf_folder_to_meta, meta_folder_to_hf, permute_rope
 from llama.generation import LLaMa
 from llama.model import ModelArgs, Transformer
+from llama.tokenizer import Tokenizer
 
 pytest.importorskip("safetensors")
 REPO = Path(__file__).resolve().parents[1]
@@ -233,3 +234,29 @@ def test_llama3_shapes_equal_transformers_rope_type_llama3(tmp_path, sp_model_pa
     x = tokens(128256, 1, 512)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs.eval()(input_ids=x).logits.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["made here", "Meta's"])
+def test_llama3_tokenizer_goes_to_hugging_face_and_back(make_ckpt, tiktoken_path, tmp_path, which):
+    """A Llama 3 folder's tiktoken file becomes a tokenizer.json that transformers encodes with as
+    we do, and comes back byte for byte."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import LLAMA3
+    from test_tokenizer import HARD_TEXTS
+
+    path = tiktoken_path if which == "made here" else needs_shared("llama3/tokenizer.model")
+    ours = Tokenizer(path)
+    folder, _ = make_ckpt(dict(LLAMA3, vocab_size=ours.n_words), 1, tokenizer=path)
+    hf = meta_folder_to_hf(folder, tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (ours.bos_id, ours.eos_id)
+    theirs = transformers.AutoTokenizer.from_pretrained(hf, local_files_only=True)
+    for text in HARD_TEXTS:
+        expected = ours.encode(text, bos=True, eos=False)
+        if "<|" in text:  # transformers reads special-token text as the special ids; Meta's code keeps it text
+            assert theirs.encode(text) != expected and ours.eot_id in theirs.encode(text)
+        else:
+            assert theirs.encode(text) == expected, text
+    back = hf_folder_to_meta(hf, tmp_path / "back")
+    assert (back / "tokenizer.model").read_bytes() == path.read_bytes()
+    assert "tokenizer.model" in (back / "checklist.chk").read_text()

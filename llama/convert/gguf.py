@@ -3,8 +3,9 @@ reader and dequantizers).
 
 GGUF keeps Meta's interleaved RoPE row order (llama.cpp's converter from Hugging Face undoes HF's
 permutation), so weights are renamed, not permuted. GGUF lists a tensor's dims row length first
-(ne[0]); the package's arrays are [out, in], as Meta's. Hyperparameters and the SentencePiece
-vocabulary travel as metadata, from which params.json and tokenizer.model are rebuilt.
+(ne[0]); the package's arrays are [out, in], as Meta's. Hyperparameters and the vocabulary
+(SentencePiece's as "llama", Llama 3's tiktoken BPE as "gpt2") travel as metadata, Llama 3.1's RoPE
+scaling as llama.cpp's rope_freqs tensor; params.json and tokenizer.model are rebuilt from them.
 """
 
 import logging
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 
 from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint, write_checklist
-from llama.convert import run_cli
+from llama.convert import bpe, run_cli
 from llama.convert.hf import ffn_params
-from llama.model import ModelArgs, Transformer
-from llama.tokenizer import Tokenizer
+from llama.model import ModelArgs, Transformer, precompute_freqs_cis
+from llama.tokenizer import TiktokenTokenizer, Tokenizer
 
 if TYPE_CHECKING:
     import gguf
@@ -45,6 +46,7 @@ META_NAMES = {name: key for key, name in TENSOR_NAMES.items()}
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 # Meta's own FFN sizing, which llama.feed_forward_length alone does not pin down (ours, not llama.cpp's).
 FFN_KEYS = ("meta.multiple_of", "meta.ffn_dim_multiplier")
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (Llama 3.1's scaling)
 SPECIAL_IDS = {"unk": "unknown", "bos": "bos", "eos": "eos", "pad": "padding"}  # tokenizer.ggml.{}_token_id
 
 
@@ -114,6 +116,8 @@ def write_gguf(
         gguf.LlamaFileType[f"MOSTLY_{tensor_type}"] if tensor_type != "F32" else gguf.LlamaFileType.ALL_F32
     )
     _write_vocab(writer, tokenizer)
+    if args.use_scaled_rope:  # as llama.cpp keeps Llama 3.1's scaling: a divisor for each frequency
+        writer.add_tensor(ROPE_FREQS, rope_divisors(args, args.rope_factor).numpy())
     for key, tensor in state_dict.items():
         data = tensor.detach().float().cpu().numpy()
         kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else qtype  # norms stay float32, as llama.cpp expects
@@ -130,7 +134,10 @@ def write_gguf(
 
 
 def _write_vocab(writer: "gguf.GGUFWriter", tokenizer: Tokenizer) -> None:
-    """The SentencePiece model as llama.cpp's "llama" vocabulary, with what its normalizer does."""
+    """The SentencePiece model as llama.cpp's "llama" vocabulary, with what its normalizer does;
+    Llama 3's tiktoken file as its "gpt2" byte-level BPE with the "llama-bpe" pre-tokenizer."""
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return _write_bpe_vocab(writer, tokenizer)
     gguf, pb = _gguf(), _sentencepiece_proto()
     proto = pb.ModelProto.FromString(tokenizer.sp_model.serialized_model_proto())
     piece_type = pb.ModelProto.SentencePiece.Type
@@ -149,6 +156,23 @@ def _write_vocab(writer: "gguf.GGUFWriter", tokenizer: Tokenizer) -> None:
     writer.add_remove_extra_whitespaces(normalizer.remove_extra_whitespaces)
     if normalizer.precompiled_charsmap:  # Llama's is empty (identity); a model trained with NFKC has one
         writer.add_precompiled_charsmap(normalizer.precompiled_charsmap)
+
+
+def _write_bpe_vocab(writer: "gguf.GGUFWriter", tokenizer: TiktokenTokenizer) -> None:
+    gguf = _gguf()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")  # llama.cpp's name for Llama 3's pre-tokenizer pattern
+    writer.add_token_list(bpe.vocabulary(tokenizer))
+    kinds = [gguf.TokenType.NORMAL] * len(tokenizer.ranks) + [gguf.TokenType.CONTROL] * len(tokenizer.special_tokens)
+    writer.add_token_types([int(kind) for kind in kinds])
+    writer.add_token_merges([f"{bpe.spell(a)} {bpe.spell(b)}" for a, b in bpe.merges(tokenizer.ranks)])
+    writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_eot_token_id(tokenizer.eot_id)
+    writer.add_eom_token_id(tokenizer.eom_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
 
 
 def read_gguf(
@@ -173,13 +197,16 @@ def read_gguf(
             f"{path} holds a {architecture!r} model: only general.architecture 'llama' converts to Meta's layout"
         )
     tokenizer_model = _read_vocab(meta, path)
-    keys = {t.name: rename(t.name, to_gguf=False) for t in reader.tensors}
+    divisors = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    keys = {t.name: rename(t.name, to_gguf=False) for t in reader.tensors if t is not divisors}
     unknown = [name for name, key in keys.items() if key is None]
     if unknown:
         raise ValueError(f"{path} holds tensors that are not in Meta's LLaMA layout: {unknown[:5]}")
-    tensors = {keys[t.name]: t for t in reader.tensors}
+    tensors = {keys[t.name]: t for t in reader.tensors if t is not divisors}
     embedding = tensors.get("tok_embeddings.weight")
     args = _read_args(meta, path, None if embedding is None else int(embedding.shape[-1]))  # its rows
+    if divisors is not None:
+        _read_rope_scaling(args, torch.from_numpy(np.array(divisors.data, dtype=np.float32)), path)
     with torch.device("meta"):  # every key and shape the metadata implies, checked before any data is read
         expected = {key: tuple(w.shape) for key, w in Transformer(args).state_dict().items()}
     tied = "output.weight" not in tensors and embedding is not None  # as llama.cpp writes tied embeddings
@@ -193,6 +220,23 @@ def read_gguf(
     if tied:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"].clone()  # Meta keeps two matrices
     return state_dict, args, tokenizer_model
+
+
+def rope_divisors(args: ModelArgs, factor: float) -> torch.Tensor:
+    """What llama.cpp's rope_freqs tensor holds for Llama 3.1's scaling: each RoPE frequency over
+    its scaled value (model.apply_scaling), 1 for the high ones, the factor for the low ones."""
+    plain = precompute_freqs_cis(args.head_dim, 2, args.rope_theta).angle()[1]  # position 1's angles: the frequencies
+    return plain / precompute_freqs_cis(args.head_dim, 2, args.rope_theta, True, factor).angle()[1]
+
+
+def _read_rope_scaling(args: ModelArgs, divisors: torch.Tensor, path: Path) -> None:
+    """Llama 3.1's scaling from a rope_freqs tensor, if it is that scaling (with any factor)."""
+    factor = float(divisors.max())
+    if divisors.shape != (args.head_dim // 2,) or not torch.allclose(divisors, rope_divisors(args, factor), rtol=1e-5):
+        raise ValueError(f"{path}: its {ROPE_FREQS} is not Llama 3.1's RoPE scaling, which Meta's params.json can say")
+    args.use_scaled_rope = True
+    if factor != args.rope_factor:
+        args.rope_scaling_factor = factor
 
 
 def _shape(tensor: "gguf.ReaderTensor") -> tuple[int, ...]:
@@ -256,12 +300,15 @@ def _read_args(meta: dict, path: Path, vocab_size: int | None) -> ModelArgs:
 
 
 def _read_vocab(meta: dict, path: Path) -> bytes:
-    """A serialized SentencePiece ModelProto (a tokenizer.model) for the file's "llama" vocabulary."""
+    """A tokenizer.model's bytes for the file's vocabulary: a serialized SentencePiece ModelProto for
+    a "llama" one, Llama 3's tiktoken file for a "gpt2" one (its byte-level BPE: ranks are the ids)."""
     model = meta.get("tokenizer.ggml.model")
+    if model == "gpt2":
+        return _read_bpe_vocab(meta, path)
     if model != "llama":
         raise ValueError(
-            f"{path} has a {model!r} vocabulary: only SentencePiece vocabularies ('llama', as in "
-            "Llama 1/2 and Code Llama) can be written as a tokenizer.model"
+            f"{path} has a {model!r} vocabulary: only SentencePiece ('llama', as in Llama 1/2 and Code Llama) "
+            "and Llama 3's byte-level BPE ('gpt2') vocabularies can be written as a tokenizer.model"
         )
     gguf, pb = _gguf(), _sentencepiece_proto()
     proto = pb.ModelProto()
@@ -286,6 +333,14 @@ def _read_vocab(meta: dict, path: Path) -> bytes:
     normalizer.remove_extra_whitespaces = meta.get("tokenizer.ggml.remove_extra_whitespaces", False)
     normalizer.precompiled_charsmap = bytes(meta.get("tokenizer.ggml.precompiled_charsmap", []))
     return proto.SerializeToString()
+
+
+def _read_bpe_vocab(meta: dict, path: Path) -> bytes:
+    gguf, tokens = _gguf(), meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
+    n_base = next((i for i, kind in enumerate(types) if kind != gguf.TokenType.NORMAL), len(tokens))
+    bpe.check_specials(tokens[n_base:], str(path))
+    return bpe.tiktoken_file(tokens[:n_base])
 
 
 def gguf_to_meta_folder(

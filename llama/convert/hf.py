@@ -2,7 +2,8 @@
 
 Everything is a rename except wq/wk, whose rows are reordered per head: Meta rotates interleaved
 pairs (x0, x1), (x2, x3), ... and HF rotates the two halves of each head (rotate_half). Mirrors
-transformers' convert_llama_weights_to_hf.py, in both directions. H heads, D head dim.
+transformers' convert_llama_weights_to_hf.py, in both directions. H heads, D head dim. Llama 3's
+tiktoken tokenizer.model travels as a tokenizer.json (llama.convert.bpe).
 """
 
 import json
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint
-from llama.convert import run_cli
+from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint, write_checklist
+from llama.convert import bpe, run_cli
 from llama.model import LLAMA3_ROPE_SCALING, ModelArgs
+from llama.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, TiktokenTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -210,18 +212,83 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _copy_tokenizer(source: Path | None, out: Path) -> None:
+def _tokenizer_to_hf(source: Path | None, out: Path) -> Tokenizer | None:
+    """The Meta folder's tokenizer as transformers reads it: a SentencePiece tokenizer.model as it
+    is (LlamaTokenizer reads it), Llama 3's tiktoken file as tokenizer.json + tokenizer_config.json."""
     if source is None or not source.is_file():
-        logger.warning("no tokenizer.model found to copy into %s", out)
-    elif source.resolve() != (out / "tokenizer.model").resolve():
+        logger.warning("no tokenizer.model found to write into %s", out)
+        return None
+    tokenizer = Tokenizer(source)
+    if not isinstance(tokenizer, TiktokenTokenizer):
         shutil.copyfile(source, out / "tokenizer.model")
+        return tokenizer
+    hf_tokenizers = _hf_tokenizers()
+    ranks = tokenizer.ranks
+    model = hf_tokenizers.models.BPE(
+        {bpe.spell(t): rank for t, rank in ranks.items()},
+        [(bpe.spell(a), bpe.spell(b)) for a, b in bpe.merges(ranks)],
+        ignore_merges=True,  # a whole piece in the vocabulary is one token, as in tiktoken
+    )
+    hf = hf_tokenizers.Tokenizer(model)
+    split = hf_tokenizers.pre_tokenizers.Split(hf_tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated")
+    hf.pre_tokenizer = hf_tokenizers.pre_tokenizers.Sequence(
+        [split, hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    hf.decoder = hf_tokenizers.decoders.ByteLevel()
+    hf.add_special_tokens(
+        [hf_tokenizers.AddedToken(name, special=True, normalized=False) for name in tokenizer.special_tokens]
+    )
+    bos = LLAMA3_SPECIAL_TOKENS[0]
+    hf.post_processor = hf_tokenizers.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
+    )
+    hf.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": LLAMA3_SPECIAL_TOKENS[1]}
+    (out / "tokenizer_config.json").write_text(json.dumps(config | {"clean_up_tokenization_spaces": False}, indent=2))
+    return tokenizer
+
+
+def _tokenizer_from_hf(src: Path, out: Path) -> None:
+    """tokenizer.model for the Meta folder: the Hugging Face folder's own (Llama 2's SentencePiece),
+    else Llama 3's tiktoken file rebuilt from tokenizer.json's byte-level BPE."""
+    if (src / "tokenizer.model").is_file():
+        if (src / "tokenizer.model").resolve() != (out / "tokenizer.model").resolve():
+            shutil.copyfile(src / "tokenizer.model", out / "tokenizer.model")
+        return
+    if not (src / "tokenizer.json").is_file():
+        logger.warning("no tokenizer.model or tokenizer.json in %s: %s gets no tokenizer", src, out)
+        return
+    data = _read_json(src / "tokenizer.json")
+    vocab = data.get("model", {}).get("vocab")
+    if data.get("model", {}).get("type") != "BPE" or not isinstance(vocab, dict):
+        raise ValueError(
+            f"{src / 'tokenizer.json'} is not a byte-level BPE (Llama 3's): it cannot become a tokenizer.model"
+        )
+    added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
+    base = sorted((i, t) for t, i in vocab.items() if i not in added)
+    if [i for i, _ in base] != list(range(len(base))):
+        raise ValueError(f"{src / 'tokenizer.json'}: its BPE ids are not 0..{len(base) - 1}")
+    bpe.check_specials([added[i] for i in sorted(added) if i >= len(base)], str(src / "tokenizer.json"))
+    (out / "tokenizer.model").write_bytes(bpe.tiktoken_file([t for _, t in base]))
+
+
+def _hf_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError(
+            "Llama 3's tokenizer is written for Hugging Face with the tokenizers package: pip install tokenizers "
+            "(or pip install 'llama-reference[convert]')"
+        ) from None
+    return tokenizers
 
 
 def hf_folder_to_meta(
     hf_dir: str | os.PathLike, out_dir: str | os.PathLike, n_shards: int = 1, dtype: str | torch.dtype | None = None
 ) -> Path:
     """Write a Meta folder (params.json, n_shards consolidated.NN.pth, tokenizer.model if there is
-    one) from a Hugging Face LlamaForCausalLM folder of *.safetensors; dtype None keeps theirs."""
+    one, Llama 3's rebuilt from tokenizer.json) from a Hugging Face LlamaForCausalLM folder of
+    *.safetensors; dtype None keeps theirs."""
     src = Path(hf_dir)
     config = _read_json(src / "config.json")
     config_to_args(config)  # refuse a config we cannot convert before reading any weights
@@ -237,7 +304,8 @@ def hf_folder_to_meta(
         weights.update(load_file(path))
     state_dict, args = hf_to_meta(weights, config)
     out = save_checkpoint(cast(state_dict, dtype), args, out_dir, n_shards)
-    _copy_tokenizer(src / "tokenizer.model", out)
+    _tokenizer_from_hf(src, out)
+    write_checklist(out)
     logger.info("wrote %s from %s: %d shard(s)", out, src, n_shards)
     return out
 
@@ -245,16 +313,19 @@ def hf_folder_to_meta(
 def meta_folder_to_hf(
     meta_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | torch.dtype | None = None
 ) -> Path:
-    """Write config.json, model.safetensors and tokenizer.model (from the folder or its parent) for
-    a Meta folder of any number of shards; dtype None keeps the checkpoint's."""
+    """Write config.json, model.safetensors and the tokenizer (tokenizer.model for SentencePiece,
+    tokenizer.json for Llama 3's) for a Meta folder of any number of shards, with the tokenizer.model
+    from the folder or its parent; dtype None keeps the checkpoint's."""
     save_file = _safetensors().save_file
     state_dict, args = load_merged(meta_dir)
-    weights, config = meta_to_hf(cast(state_dict, dtype), args)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer_to_hf(find_tokenizer(Path(meta_dir)), out)
+    weights, config = meta_to_hf(cast(state_dict, dtype), args)
+    if tokenizer is not None:
+        config |= {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    _copy_tokenizer(find_tokenizer(Path(meta_dir)), out)
     logger.info("wrote %s from %s", out, meta_dir)
     return out
 
