@@ -5,6 +5,7 @@ but on any device and any number of shards, with no torchrun.
     python inference.py --ckpt_dir llama-2-7b --prompt "I believe" --prompt "Simply put,"
     python inference.py --ckpt_dir llama-2-7b --prompts_file prompts.jsonl --out completions.jsonl
     python inference.py chat --ckpt_dir llama-2-7b-chat --system "Answer briefly."
+    python inference.py infill --ckpt_dir CodeLlama-7b --prefix "def fib(n):" --suffix "    return a"
 """
 
 import json
@@ -207,6 +208,43 @@ def chat(
         dialog.append({"role": "assistant", "content": reply, "stop_reason": reason})
 
 
+def infill(
+    ckpt_dir: str | None = None,
+    tokenizer_path: str | None = None,
+    prefix: list[str] | None = None,
+    suffix: list[str] | None = None,
+    suffix_first: bool = False,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    max_seq_len: int = 2048,
+    max_gen_len: int = 256,
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 1,
+    quantize: str | None = None,
+    verbose: bool = False,
+) -> None:
+    """Fill the gap between each --prefix and --suffix (repeat both, in pairs) with Code Llama 7B
+    or 13B, as Meta's example_infilling.py does (greedy unless --temperature); prints the whole text
+    with the generated middle."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    prefixes, suffixes = list(prefix or []), list(suffix or [])
+    if not prefixes or len(prefixes) != len(suffixes):
+        raise ValueError(f"{len(prefixes)} --prefix and {len(suffixes)} --suffix: give them in pairs, at least one")
+    llm = LLaMa.build(
+        ckpt_dir,
+        tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=len(prefixes),
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        quantize=quantize,
+    )
+    for item in llm.text_infilling(prefixes, suffixes, temperature, top_p, max_gen_len, suffix_first=suffix_first):
+        print(f"{item['full_text']}{SEPARATOR}")
+
+
 def fit_dialog(llm: LLaMa, dialog: list[dict], keep: int, max_gen_len: int) -> list[int] | None:
     """The dialog's prompt ids, dropping the oldest user/assistant turns (never the system
     message) until it leaves room to reply; None if the last message alone leaves none."""
@@ -221,7 +259,7 @@ def fit_dialog(llm: LLaMa, dialog: list[dict], keep: int, max_gen_len: int) -> l
 
 # Flags whose values must reach us verbatim: fire would turn "1,2" into a tuple and "42" into an
 # int, and keep only the last of a repeated flag.
-LIST_FLAGS, STRING_FLAGS = ("prompt", "stop"), ("system",)
+LIST_FLAGS, STRING_FLAGS = ("prompt", "stop", "prefix", "suffix"), ("system",)
 
 
 def take_raw_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -244,7 +282,8 @@ def take_raw_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def main(argv: list[str]) -> None:
-    command, argv = (chat, argv[1:]) if argv[:1] == ["chat"] else (complete, argv)
+    commands = {"chat": chat, "infill": infill}
+    command, argv = (commands[argv[0]], argv[1:]) if argv[:1] and argv[0] in commands else (complete, argv)
     rest, raw = take_raw_flags(argv)
     for name, values in raw.items():  # handed to fire as JSON literals, which it parses back
         rest.append(f"--{name}=" + json.dumps(values if name in LIST_FLAGS else values[-1]))

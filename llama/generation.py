@@ -13,6 +13,7 @@ import torch
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
 from llama.cpu import onednn_bf16, use_cpu_modules, weight_bytes
 from llama.decoding import Completions, Outputs, StreamEvent, decode_steps
+from llama.infilling import check_infilling, infilling_prompt
 from llama.loading import BUILTIN_MODEL, load
 from llama.model import Transformer
 from llama.quantize import check_scheme
@@ -161,6 +162,40 @@ class LLaMa:
         for text, reason, tokens, probs in replies:
             item = {"generation": {"role": "assistant", "content": text, "stop_reason": reason}}
             out.append(item | ({"tokens": tokens, "logprobs": probs} if logprobs else {}))
+        return out
+
+    def text_infilling(
+        self,
+        prefixes: list[str],
+        suffixes: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+        *,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+    ) -> list[dict]:
+        """Meta's text_infilling for Code Llama 7B/13B: the code between each prefix and suffix,
+        [{"generation": middle, "full_text": prefix + middle + suffix}, ...] (with "tokens" and
+        "logprobs" when logprobs). Each row ends at ▁<EOT>, Code Llama's end of a middle."""
+        tokenizer = check_infilling(self.tokenizer)
+        if isinstance(prefixes, str) or isinstance(suffixes, str) or len(prefixes) != len(suffixes):
+            raise ValueError("prefixes and suffixes are lists of strings of the same length: one pair per gap")
+        prompt_tokens = [infilling_prompt(tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
+        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        self._check_prompts(prompt_tokens, max_gen_len)
+        sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
+        stop_ids = (tokenizer.eot_id,)  # Meta's: only <EOT> ends a middle
+        outputs = self._outputs(prompt_tokens, None, want_text=False, stop_ids=stop_ids)
+        outputs.consume(self._steps(prompt_tokens, max_gen_len, sampler, logprobs, stop_ids))
+        done = outputs.completions(echo=False, logprobs=logprobs)
+        out = []
+        for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+            middle = tokenizer.decode_infilling(done.tokens[i])
+            item = {"generation": middle, "full_text": prefix + middle + suffix}
+            out.append(item | ({"tokens": done.tokens[i], "logprobs": done.logprobs[i]} if logprobs else {}))
         return out
 
     def stream(

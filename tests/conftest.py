@@ -81,6 +81,28 @@ def tiktoken_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def codellama_tokenizer_path(tmp_path_factory) -> Path:
+    """A SentencePiece model laid out as Code Llama 7B/13B's: 32016 pieces, the infilling pieces
+    ▁<PRE> ▁<SUF> ▁<MID> ▁<EOT> at 32007-32010 (Meta's ids), "☺" a piece of its own (Meta's
+    encode_infilling leans on it), and unused pieces as filler."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    path = train_sentencepiece(
+        tmp_path_factory.mktemp("codellama") / "tokenizer.model", corpus(), 96, user_defined_symbols=["☺"]
+    )
+    proto = pb.ModelProto.FromString(path.read_bytes())
+    kind = pb.ModelProto.SentencePiece
+    for piece, n in (("▁<PRE>", 32007), ("▁<SUF>", 32008), ("▁<MID>", 32009), ("▁<EOT>", 32010), (None, 32016)):
+        while len(proto.pieces) < n:
+            proto.pieces.add(piece=f"<unused{len(proto.pieces)}>", score=0.0, type=kind.UNUSED)
+        if piece:
+            proto.pieces.add(piece=piece, score=0.0, type=kind.CONTROL)
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+@pytest.fixture(scope="session")
 def sp_model_path(tmp_path_factory) -> Path:
     """A 96-piece BPE model with Meta's special ids (unk 0, bos 1, eos 2, no pad)."""
     return train_sentencepiece(tmp_path_factory.mktemp("tok") / "tokenizer.model", corpus(), 96)
