@@ -5,6 +5,7 @@ Llama 3 (tiktoken; llama_models/llama3/chat_format.py): <|begin_of_text|>, then 
 <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>, then an open assistant header.
 """
 
+from llama.decoding import STOP_REASONS
 from llama.tokenizer import TiktokenTokenizer, Tokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -12,10 +13,9 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 LLAMA3_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}  # as written
-# An assistant message's stop_reason (llama_models' StopReason): end_of_message is written <|eom_id|>.
-META_STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
+PYTHON_TAG = "<|python_tag|>"  # opens a Llama 3 assistant's call of a built-in tool
 
-Message = dict  # {"role": ..., "content": str}; Llama 3 assistant messages may add "stop_reason"
+Message = dict  # {"role": ..., "content": str}; a Llama 3 assistant's may add "stop_reason" (a reply's)
 Dialog = list[Message]
 
 
@@ -38,9 +38,9 @@ def check_dialog(dialog: Dialog, index: int = 0, tokenizer: Tokenizer | None = N
                     f"dialog {index}, message {i}: role {msg['role']!r}; Llama 3 dialogs take an optional system "
                     "message first, then user, assistant and tool messages"
                 )
-            if msg.get("stop_reason", "end_of_turn") not in META_STOP_REASONS:
+            if msg.get("stop_reason", "end_of_turn") not in STOP_REASONS:
                 raise ValueError(
-                    f"dialog {index}, message {i}: stop_reason {msg['stop_reason']!r}: use one of {META_STOP_REASONS}"
+                    f"dialog {index}, message {i}: stop_reason {msg['stop_reason']!r}: use one of {STOP_REASONS}"
                 )
         return
     start = 1 if dialog[0]["role"] == "system" else 0
@@ -80,11 +80,16 @@ def _encode_llama2(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
 
 def _encode_llama3(tokenizer: TiktokenTokenizer, dialog: Dialog) -> list[int]:
     """Header, content and end id of each message (content as it is, unstripped, as Meta's
-    llama_models does), then the header the model answers after."""
+    llama_models does), then the header the model answers after. An assistant message that calls a
+    tool, as the model wrote it (its text starting with <|python_tag|>), gets that special id back."""
     tokens = [tokenizer.bos_id]
     for msg in dialog:
         tokens += _llama3_header(tokenizer, LLAMA3_ROLES[msg["role"]])
-        tokens += tokenizer.encode(msg["content"], bos=False, eos=False)
+        content = msg["content"]
+        if msg["role"] == "assistant" and content.startswith(PYTHON_TAG):
+            tokens.append(tokenizer.special_tokens[PYTHON_TAG])
+            content = content.removeprefix(PYTHON_TAG)
+        tokens += tokenizer.encode(content, bos=False, eos=False)
         eom = msg["role"] == "assistant" and msg.get("stop_reason") == "end_of_message"
         tokens.append(tokenizer.eom_id if eom else tokenizer.eot_id)
     return tokens + _llama3_header(tokenizer, "assistant")

@@ -1,18 +1,18 @@
 """The facade: `LLaMa.build` composes loading (llama.loading), the CPU kernels and the KV cache;
 `generate`, `text_completion`, `chat_completion` and `stream` are Meta's llama/generation.py API
 over llama.decoding's loop (right-padded batch, decoding from the shortest prompt, forced prompt
-tokens, per-row EOS).
+tokens, each row ending at a stop id of its tokenizer).
 """
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
 from llama.cpu import onednn_bf16, use_cpu_modules, weight_bytes
-from llama.decoding import Completions, Outputs, StreamEvent, decode_steps
+from llama.decoding import Completions, Outputs, Step, StreamEvent, decode_steps
 from llama.infilling import check_infilling, infilling_prompt
 from llama.loading import BUILTIN_MODEL, load
 from llama.model import Transformer
@@ -94,7 +94,7 @@ class LLaMa:
         repetition_penalty: float = 1.0,
         stop: list[str] | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
-        """Meta's generate: complete each prompt with at most max_gen_len ids, cut at the first EOS.
+        """Meta's generate: complete each prompt with at most max_gen_len ids, cut at the first stop id.
 
         Logprob i scores token i given the tokens before it (0.0 for a row's first token).
         top_k, repetition_penalty and stop strings are off by default, leaving Meta's draws.
@@ -220,19 +220,32 @@ class LLaMa:
         return self._outputs(prompt_tokens, stop, want_text=True).events(steps)
 
     def _complete(self, prompt_tokens, max_gen_len, sampler, logprobs, echo, stop) -> Completions:
-        """Run (checked prompts) to the end; cut each row as Meta does (prompt unless echo, first EOS)."""
+        """Run (checked prompts) to the end; cut each row as Meta does (prompt unless echo, first stop id)."""
         steps = self._steps(prompt_tokens, max_gen_len, sampler, logprobs)
         outputs = self._outputs(prompt_tokens, stop, want_text=False)
         outputs.consume(steps)
         return outputs.completions(echo, logprobs)
 
-    def _steps(self, prompt_tokens, max_gen_len, sampler, logprobs=False, stop_ids=None):
+    def _steps(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        sampler: Sampler,
+        logprobs: bool = False,
+        stop_ids: Sequence[int] | None = None,
+    ) -> Iterator[Step]:
         """Meta's loop over these (checked) prompts, to the tokenizer's stop ids unless others are given."""
         stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         pad_id = self.tokenizer.pad_id
         return decode_steps(self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, stop_ids, logprobs)
 
-    def _outputs(self, prompt_tokens, stop: list[str] | None, want_text: bool, stop_ids=None) -> Outputs:
+    def _outputs(
+        self,
+        prompt_tokens: list[list[int]],
+        stop: list[str] | None,
+        want_text: bool,
+        stop_ids: Sequence[int] | None = None,
+    ) -> Outputs:
         if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"stop={stop!r}: pass a list of non-empty strings")
         stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids

@@ -16,7 +16,7 @@ import torch
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, load_shard, read_params
 from llama.convert.gguf import read_gguf
 from llama.cpu import weight_bytes
-from llama.model import LLAMA3_2_SHAPES, ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer
 from llama.quantize import check_scheme, make_quantized, quantized_bytes, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
 from llama.tokenizer import Tokenizer
@@ -206,19 +206,8 @@ def _empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
     """The architecture on the meta device: shapes and dtypes, no memory. Logs the scaled RoPE's
     factor, which params.json leaves to the reader for Llama 3.2 (ModelArgs.rope_factor)."""
     if args.use_scaled_rope:
-        shape = (args.dim, args.n_layers, args.n_heads, args.kv_heads)
-        why = (
-            "params.json's rope_scaling_factor"
-            if args.rope_scaling_factor is not None
-            else (
-                f"{LLAMA3_2_SHAPES[shape]}'s shape"
-                if shape in LLAMA3_2_SHAPES
-                else "Meta's code's, for Llama 3.1 and 3.3"
-            )
-        )
-        logger.info(
-            "scaled RoPE, factor %g (%s); rope_scaling_factor in params.json sets another", args.rope_factor, why
-        )
+        factor, source = args.rope_factor_and_source()
+        logger.info("scaled RoPE, factor %g (%s); rope_scaling_factor in params.json sets another", factor, source)
     with torch.device("meta"):
         return Transformer(args).to(dtype)
 

@@ -51,12 +51,17 @@ class ModelArgs:
 
     @property
     def rope_factor(self) -> float:
-        """The scaled RoPE's factor: rope_scaling_factor when params.json gives one, else 32 for
-        Llama 3.2 1B and 3B (LLAMA3_2_SHAPES), else the 8 of Meta's code (Llama 3.1, 3.3)."""
+        return self.rope_factor_and_source()[0]
+
+    def rope_factor_and_source(self) -> tuple[float, str]:
+        """The scaled RoPE's factor and where it comes from: rope_scaling_factor when params.json
+        gives one, else 32 for Llama 3.2 1B and 3B (LLAMA3_2_SHAPES), else Meta's code's 8."""
         if self.rope_scaling_factor is not None:
-            return self.rope_scaling_factor
-        shape = (self.dim, self.n_layers, self.n_heads, self.kv_heads)
-        return 32.0 if shape in LLAMA3_2_SHAPES else LLAMA3_ROPE_SCALING["factor"]
+            return self.rope_scaling_factor, "params.json's rope_scaling_factor"
+        name = LLAMA3_2_SHAPES.get((self.dim, self.n_layers, self.n_heads, self.kv_heads))
+        if name is not None:
+            return 32.0, f"{name}'s shape"
+        return LLAMA3_ROPE_SCALING["factor"], "Meta's code's, right for Llama 3.1 and 3.3"
 
     @property
     def head_dim(self) -> int:
@@ -126,7 +131,11 @@ def apply_scaling(freqs: torch.Tensor, scale_factor: float) -> torch.Tensor:
 
 
 def precompute_freqs_cis(
-    dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False, scale_factor: float = 8.0
+    dim: int,
+    end: int,
+    theta: float = 10000.0,
+    use_scaled: bool = False,
+    scale_factor: float = LLAMA3_ROPE_SCALING["factor"],
 ) -> torch.Tensor:
     """Unit complex rotations [end, dim/2] for positions 0..end-1, computed in float32 on the CPU."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))

@@ -217,6 +217,22 @@ def llm3(make_ckpt, tiktoken_path):
     return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
 
 
+def scripted(llm, rows: list[list[int]]) -> None:
+    """Make greedy decoding emit the given ids for each row, step by step (a hand-made model): each
+    forward's last-position logits favour row[step]; rows must start generating at the same step."""
+    step = [0]
+
+    def hook(module, args, logits):
+        logits = torch.full_like(logits, -1e4)  # [B, vocab], or [B, T, vocab] when logprobs are wanted
+        last = logits if logits.dim() == 2 else logits[:, -1]
+        for b, row in enumerate(rows):
+            last[b, row[min(step[0], len(row) - 1)]] = 0
+        step[0] += 1
+        return logits
+
+    llm.model.output.register_forward_hook(hook)
+
+
 def tokens(vocab_size: int, b: int, t: int, seed: int = 1) -> torch.Tensor:
     """Seeded random ids [b, t]."""
     return torch.randint(0, vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))

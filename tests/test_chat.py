@@ -3,8 +3,7 @@
 known ids, and one made here)."""
 
 import pytest
-import torch
-from conftest import MHA, needs_shared
+from conftest import MHA, needs_shared, scripted
 
 from llama import LLaMa, Tokenizer
 from llama.chat import UNSAFE_ERROR, check_dialog, encode_dialog, has_special_tags
@@ -160,23 +159,24 @@ def test_llama3_chat_completion_feeds_the_header_format_and_reports_why_it_ended
     seen = []
     llm3.model.tok_embeddings.register_forward_hook(lambda m, a, out: seen.append(a[0][0].tolist()))
     word = tok.encode(" king", bos=False, eos=False)
-    llm3.model.output.register_forward_hook(_emit([word + [tok.eom_id]]))
+    scripted(llm3, [word + [tok.eom_id]])
     dialog = [{"role": "user", "content": "the king"}]  # 27 ids with this vocabulary; max_seq_len is 48
     out = llm3.chat_completion([dialog], temperature=0, max_gen_len=10)
     assert out == [{"generation": {"role": "assistant", "content": " king", "stop_reason": "end_of_message"}}]
     assert seen[0] == encode_dialog(tok, dialog)  # the prompt, in one pass
 
 
-def _emit(rows):
-    """A forward hook making greedy decoding emit these ids, row by row, step by step."""
-    step = [0]
-
-    def hook(module, args, logits):
-        logits = torch.full_like(logits, -1e4)
-        last = logits if logits.dim() == 2 else logits[:, -1]
-        for b, row in enumerate(rows):
-            last[b, row[min(step[0], len(row) - 1)]] = 0
-        step[0] += 1
-        return logits
-
-    return hook
+def test_llama3_replies_go_back_into_the_dialog_as_the_model_wrote_them(llm3):
+    """A tool call (<|python_tag|> + code, ended by <|eom_id|>) and a reply cut by a stop string,
+    appended as chat_completion returns them, encode back to the model's own ids."""
+    tok = llm3.tokenizer
+    tag, code = tok.special_tokens["<|python_tag|>"], tok.encode("king(2)", bos=False, eos=False)
+    scripted(llm3, [[tag, *code, tok.eom_id]])
+    dialog = [{"role": "user", "content": "the king"}]
+    reply = llm3.chat_completion([dialog], temperature=0, max_gen_len=12)[0]["generation"]
+    assert reply == {"role": "assistant", "content": "<|python_tag|>king(2)", "stop_reason": "end_of_message"}
+    ids = encode_dialog(tok, [*dialog, reply, {"role": "tool", "content": "4"}])
+    prompt = encode_dialog(tok, dialog)
+    assert ids[len(prompt) : len(prompt) + len(code) + 2] == [tag, *code, tok.eom_id]
+    cut = {"role": "assistant", "content": "the", "stop_reason": "stop_string"}
+    check_dialog([*dialog, cut, {"role": "user", "content": "go on"}], 0, tok)  # what stop= replies say

@@ -250,6 +250,8 @@ def test_llama3_tokenizer_goes_to_hugging_face_and_back(make_ckpt, tiktoken_path
     hf = meta_folder_to_hf(folder, tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (ours.bos_id, ours.eos_id)
+    generation = json.loads((hf / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [ours.eos_id, ours.eom_id, ours.eot_id]  # an Instruct model's turns end
     theirs = transformers.AutoTokenizer.from_pretrained(hf, local_files_only=True)
     for text in HARD_TEXTS:
         expected = ours.encode(text, bos=True, eos=False)
@@ -260,3 +262,21 @@ def test_llama3_tokenizer_goes_to_hugging_face_and_back(make_ckpt, tiktoken_path
     back = hf_folder_to_meta(hf, tmp_path / "back")
     assert (back / "tokenizer.model").read_bytes() == path.read_bytes()
     assert "tokenizer.model" in (back / "checklist.chk").read_text()
+
+
+def test_hf_tokenizer_json_that_is_not_llama_3s(tmp_path, sp_model_path):
+    """A byte-level BPE without Llama 3's special tokens is refused before any weight is written; a
+    tokenizer.json of another kind (Llama 2's, without its tokenizer.model) is left out, with a warning."""
+    hf_checkpoint(tmp_path / "hf", sp_model_path, **HF_CASES["tied"])
+    (tmp_path / "hf" / "tokenizer.model").unlink()
+    byte_level = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}, "pre_tokenizer": {"type": "ByteLevel"}}
+    (tmp_path / "hf" / "tokenizer.json").write_text(
+        json.dumps(byte_level | {"added_tokens": [{"id": 2, "content": "<s>"}]})
+    )
+    with pytest.raises(ValueError, match="1 special tokens .*a Llama 3 vocabulary has 256"):
+        hf_folder_to_meta(tmp_path / "hf", tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()
+    metaspace = {"model": {"type": "BPE", "vocab": {"▁a": 0}}, "pre_tokenizer": {"type": "Metaspace"}}
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(metaspace))
+    meta = hf_folder_to_meta(tmp_path / "hf", tmp_path / "meta")
+    assert not (meta / "tokenizer.model").exists() and (meta / "consolidated.00.pth").is_file()

@@ -3,7 +3,7 @@ text_completion. Uses the real Llama 2 tokenizer where byte pieces and spaces ma
 
 import pytest
 import torch
-from conftest import GQA, needs_shared
+from conftest import GQA, needs_shared, scripted
 
 from llama import LLaMa, StreamEvent, Tokenizer
 from llama.tokenizer import StreamDecoder
@@ -73,21 +73,6 @@ def test_stream_equals_text_completion_with_the_same_seed(make_ckpt):
     texts, done = collect(b.stream(prompts, temperature=1.0, top_p=0.95, max_gen_len=20))
     assert texts == expected and done == [1, 1, 1]
     assert sum(map(len, texts)) > 30
-
-
-def scripted(llm: LLaMa, rows: list[list[int]]) -> None:
-    """Make greedy decoding emit the given ids for each row, step by step (a hand-made model)."""
-    step = [0]
-
-    def hook(module, args, logits):
-        logits = torch.full_like(logits, -1e4)  # [B, vocab], or [B, T, vocab] when logprobs are wanted
-        last = logits if logits.dim() == 2 else logits[:, -1]
-        for b, row in enumerate(rows):
-            last[b, row[min(step[0], len(row) - 1)]] = 0
-        step[0] += 1
-        return logits
-
-    llm.model.output.register_forward_hook(hook)
 
 
 def test_stop_strings_end_the_row_and_are_cut_off(llm):

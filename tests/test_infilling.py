@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import MHA
+from conftest import MHA, scripted
 
 from llama import LLaMa, Tokenizer
 from llama.infilling import infilling_prompt
@@ -43,18 +42,8 @@ def test_prompt_layouts_by_hand(codellama_tokenizer_path):
 def test_text_infilling_writes_the_middle_and_stops_at_eot(llm):
     tok = llm.tokenizer
     seen, middle = [], tok.encode(" and queen", bos=False, eos=False)
-    rows = [middle + [tok.eos_id, EOT], middle + [EOT]]  # Meta's infilling ends at <EOT> only
-    step = [0]
-
-    def emit(module, args, logits):
-        logits = torch.full_like(logits, -1e4)  # [B, T, vocab]: logprobs are wanted
-        for b, row in enumerate(rows):
-            logits[b, -1, row[min(step[0], len(row) - 1)]] = 0
-        step[0] += 1
-        return logits
-
+    scripted(llm, [middle + [tok.eos_id, EOT], middle + [EOT]])  # Meta's infilling ends at <EOT> only
     llm.model.tok_embeddings.register_forward_hook(lambda m, a, out: seen.append(a[0].tolist()))
-    llm.model.output.register_forward_hook(emit)
     out = llm.text_infilling(
         ["the king"] * 2, [" spoke"] * 2, temperature=0, max_gen_len=len(middle) + 1, logprobs=True
     )

@@ -6,8 +6,11 @@ token, lowest rank first: tiktoken's rule). Spelled tokens -> ranks: their order
 """
 
 import base64
+import json
+import os
+from pathlib import Path
 
-from llama.tokenizer import LLAMA3_SPECIAL_TOKENS, TiktokenTokenizer
+from llama.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, TiktokenTokenizer
 
 # GPT-2's alphabet: bytes that print stand for themselves; the others take chr(256), chr(257)...
 _PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -61,3 +64,55 @@ def check_specials(names: list[str], where: str) -> None:
             f"{where}: {len(names)} special tokens starting {names[:2]}; a Llama 3 vocabulary has "
             f"{len(LLAMA3_SPECIAL_TOKENS)} starting {LLAMA3_SPECIAL_TOKENS[:2]}"
         )
+
+
+def write_tokenizer_json(tokenizer: TiktokenTokenizer, out: Path) -> None:
+    """tokenizer.json (with the tokenizers package) and tokenizer_config.json that make transformers'
+    PreTrainedTokenizerFast encode as tokenizer does (but for text that spells a special token,
+    which transformers reads as the special id)."""
+    hf = _hf_tokenizers()
+    model = hf.models.BPE(
+        {spell(t): rank for t, rank in tokenizer.ranks.items()},
+        [(spell(a), spell(b)) for a, b in merges(tokenizer.ranks)],
+        ignore_merges=True,  # a whole piece in the vocabulary is one token, as in tiktoken
+    )
+    fast = hf.Tokenizer(model)
+    split = hf.pre_tokenizers.Split(hf.Regex(LLAMA3_PATTERN), behavior="isolated")
+    fast.pre_tokenizer = hf.pre_tokenizers.Sequence(
+        [split, hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    fast.decoder = hf.decoders.ByteLevel()
+    fast.add_special_tokens([hf.AddedToken(name, special=True, normalized=False) for name in tokenizer.special_tokens])
+    bos, eos = LLAMA3_SPECIAL_TOKENS[:2]
+    fast.post_processor = hf.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
+    )
+    fast.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos}
+    (out / "tokenizer_config.json").write_text(json.dumps(config | {"clean_up_tokenization_spaces": False}, indent=2))
+
+
+def tiktoken_from_tokenizer_json(data: dict, where: str | os.PathLike) -> bytes | None:
+    """Llama 3's tokenizer.model for a tokenizer.json's byte-level BPE (its ids are the ranks), None
+    for another kind of tokenizer; a byte-level one without Llama 3's special tokens is refused."""
+    model = data.get("model") or {}
+    byte_level = "ByteLevel" in json.dumps(data.get("pre_tokenizer")) + json.dumps(data.get("decoder"))
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) or not byte_level:
+        return None
+    added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
+    base = sorted((i, t) for t, i in model["vocab"].items() if i not in added)
+    if [i for i, _ in base] != list(range(len(base))):
+        raise ValueError(f"{where}: its BPE ids are not 0..{len(base) - 1}")
+    check_specials([added[i] for i in sorted(added) if i >= len(base)], str(where))
+    return tiktoken_file([t for _, t in base])
+
+
+def _hf_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError(
+            "Llama 3's tokenizer is written for Hugging Face with the tokenizers package: pip install tokenizers "
+            "(or pip install 'llama-reference[convert]')"
+        ) from None
+    return tokenizers

@@ -17,7 +17,7 @@ import torch
 from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint, write_checklist
 from llama.convert import bpe, run_cli
 from llama.model import LLAMA3_ROPE_SCALING, ModelArgs
-from llama.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, TiktokenTokenizer, Tokenizer
+from llama.tokenizer import TiktokenTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -214,73 +214,37 @@ def _read_json(path: Path) -> dict:
 
 def _tokenizer_to_hf(source: Path | None, out: Path) -> Tokenizer | None:
     """The Meta folder's tokenizer as transformers reads it: a SentencePiece tokenizer.model as it
-    is (LlamaTokenizer reads it), Llama 3's tiktoken file as tokenizer.json + tokenizer_config.json."""
+    is (LlamaTokenizer reads it), Llama 3's tiktoken file as tokenizer.json + tokenizer_config.json;
+    and generation_config.json, whose eos_token_id lists every stop id (Llama 3 Instruct's turns end
+    at <|eot_id|>, not only at <|end_of_text|>)."""
     if source is None or not source.is_file():
         logger.warning("no tokenizer.model found to write into %s", out)
         return None
     tokenizer = Tokenizer(source)
-    if not isinstance(tokenizer, TiktokenTokenizer):
+    if isinstance(tokenizer, TiktokenTokenizer):
+        bpe.write_tokenizer_json(tokenizer, out)
+    else:
         shutil.copyfile(source, out / "tokenizer.model")
-        return tokenizer
-    hf_tokenizers = _hf_tokenizers()
-    ranks = tokenizer.ranks
-    model = hf_tokenizers.models.BPE(
-        {bpe.spell(t): rank for t, rank in ranks.items()},
-        [(bpe.spell(a), bpe.spell(b)) for a, b in bpe.merges(ranks)],
-        ignore_merges=True,  # a whole piece in the vocabulary is one token, as in tiktoken
-    )
-    hf = hf_tokenizers.Tokenizer(model)
-    split = hf_tokenizers.pre_tokenizers.Split(hf_tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated")
-    hf.pre_tokenizer = hf_tokenizers.pre_tokenizers.Sequence(
-        [split, hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    hf.decoder = hf_tokenizers.decoders.ByteLevel()
-    hf.add_special_tokens(
-        [hf_tokenizers.AddedToken(name, special=True, normalized=False) for name in tokenizer.special_tokens]
-    )
-    bos = LLAMA3_SPECIAL_TOKENS[0]
-    hf.post_processor = hf_tokenizers.processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
-    )
-    hf.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": LLAMA3_SPECIAL_TOKENS[1]}
-    (out / "tokenizer_config.json").write_text(json.dumps(config | {"clean_up_tokenization_spaces": False}, indent=2))
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids)}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return tokenizer
 
 
-def _tokenizer_from_hf(src: Path, out: Path) -> None:
-    """tokenizer.model for the Meta folder: the Hugging Face folder's own (Llama 2's SentencePiece),
-    else Llama 3's tiktoken file rebuilt from tokenizer.json's byte-level BPE."""
+def _tokenizer_from_hf(src: Path) -> bytes | None:
+    """tokenizer.model's bytes for the Meta folder: the Hugging Face folder's own (Llama 2's
+    SentencePiece), else Llama 3's tiktoken file rebuilt from a byte-level tokenizer.json."""
     if (src / "tokenizer.model").is_file():
-        if (src / "tokenizer.model").resolve() != (out / "tokenizer.model").resolve():
-            shutil.copyfile(src / "tokenizer.model", out / "tokenizer.model")
-        return
-    if not (src / "tokenizer.json").is_file():
-        logger.warning("no tokenizer.model or tokenizer.json in %s: %s gets no tokenizer", src, out)
-        return
-    data = _read_json(src / "tokenizer.json")
-    vocab = data.get("model", {}).get("vocab")
-    if data.get("model", {}).get("type") != "BPE" or not isinstance(vocab, dict):
-        raise ValueError(
-            f"{src / 'tokenizer.json'} is not a byte-level BPE (Llama 3's): it cannot become a tokenizer.model"
+        return (src / "tokenizer.model").read_bytes()
+    if (src / "tokenizer.json").is_file():
+        contents = bpe.tiktoken_from_tokenizer_json(_read_json(src / "tokenizer.json"), src / "tokenizer.json")
+        if contents is not None:
+            return contents
+        logger.warning(
+            "%s is not Llama 3's byte-level BPE: pass tokenizer_path= a tokenizer.model", src / "tokenizer.json"
         )
-    added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
-    base = sorted((i, t) for t, i in vocab.items() if i not in added)
-    if [i for i, _ in base] != list(range(len(base))):
-        raise ValueError(f"{src / 'tokenizer.json'}: its BPE ids are not 0..{len(base) - 1}")
-    bpe.check_specials([added[i] for i in sorted(added) if i >= len(base)], str(src / "tokenizer.json"))
-    (out / "tokenizer.model").write_bytes(bpe.tiktoken_file([t for _, t in base]))
-
-
-def _hf_tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise ImportError(
-            "Llama 3's tokenizer is written for Hugging Face with the tokenizers package: pip install tokenizers "
-            "(or pip install 'llama-reference[convert]')"
-        ) from None
-    return tokenizers
+    else:
+        logger.warning("no tokenizer.model or tokenizer.json in %s: the Meta folder gets no tokenizer", src)
+    return None
 
 
 def hf_folder_to_meta(
@@ -291,7 +255,8 @@ def hf_folder_to_meta(
     *.safetensors; dtype None keeps theirs."""
     src = Path(hf_dir)
     config = _read_json(src / "config.json")
-    config_to_args(config)  # refuse a config we cannot convert before reading any weights
+    config_to_args(config)  # refuse a config or a tokenizer we cannot convert before reading any weights
+    tokenizer_model = _tokenizer_from_hf(src)
     index = src / "model.safetensors.index.json"
     files = sorted({src / f for f in _read_json(index)["weight_map"].values()}) if index.is_file() else []
     files = files or sorted(src.glob("model*.safetensors"))
@@ -304,8 +269,9 @@ def hf_folder_to_meta(
         weights.update(load_file(path))
     state_dict, args = hf_to_meta(weights, config)
     out = save_checkpoint(cast(state_dict, dtype), args, out_dir, n_shards)
-    _tokenizer_from_hf(src, out)
-    write_checklist(out)
+    if tokenizer_model is not None:
+        (out / "tokenizer.model").write_bytes(tokenizer_model)
+        write_checklist(out)
     logger.info("wrote %s from %s: %d shard(s)", out, src, n_shards)
     return out
 
