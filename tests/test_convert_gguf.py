@@ -108,26 +108,29 @@ def test_tied_embeddings_come_back_as_two_equal_matrices(make_ckpt, tmp_path):
     assert torch.equal(state_dict["output.weight"], original["tok_embeddings.weight"])
 
 
+def llama_cpp(path: Path, n_ctx: int):
+    """llama.cpp on the file, with a float32 KV cache so that its only differences are its kernels."""
+    module = pytest.importorskip("llama_cpp")
+    f32 = module.GGML_TYPE_F32
+    return module.Llama(
+        str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True, verbose=False, type_k=f32, type_v=f32
+    )
+
+
+def llama_cpp_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    theirs = llama_cpp(path, 64)
+    theirs.eval(ids.tolist())
+    logits = torch.from_numpy(np.array(theirs.scores[: len(ids)]))
+    theirs.close()
+    return logits
+
+
 @pytest.mark.parametrize("params", [MHA, GQA, THETA], ids=["mha", "gqa", "theta1e6"])
 def test_logits_equal_llama_cpp_on_the_same_file(make_ckpt, tmp_path, params):
-    llama_cpp = pytest.importorskip("llama_cpp")
     folder, original = make_ckpt(params)
     path = meta_folder_to_gguf(folder, tmp_path / "model.gguf", "F32")
-    # A float32 KV cache, so that llama.cpp's only differences are its kernels.
-    theirs = llama_cpp.Llama(
-        str(path),
-        n_ctx=32,
-        n_batch=32,
-        n_threads=1,
-        logits_all=True,
-        verbose=False,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-    )
     ids = tokens(params["vocab_size"], 1, 16)[0]
-    theirs.eval(ids.tolist())
-    expected = torch.from_numpy(np.array(theirs.scores[: len(ids)]))
-    theirs.close()
+    expected = llama_cpp_logits(path, ids)
 
     model = Transformer(ModelArgs.from_params(params))
     model.load_state_dict(original)
@@ -319,22 +322,17 @@ def test_llama3_folder_to_gguf_and_back_keeps_vocabulary_and_scaled_rope(make_ck
 
 def test_llama3_gguf_tokenizes_and_computes_as_llama_cpp(make_ckpt, tiktoken_path, tmp_path):
     """llama.cpp reads the file's gpt2 vocabulary, merges and scaled-RoPE divisors as ours."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     (folder, original), params = llama3_folder(make_ckpt, tiktoken_path, 32.0)
     path = meta_folder_to_gguf(folder, tmp_path / "model.gguf", "F32")
-    theirs = llama_cpp.Llama(
-        str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False,
-        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
-    )  # fmt: skip
+    theirs = llama_cpp(path, 64)
     ours = Tokenizer(folder / "tokenizer.model")
     for text in [*TEXTS, "far land 1234567 spoke?!"]:
         assert theirs.tokenize(text.encode(), add_bos=True, special=False) == ours.encode(text, bos=True, eos=False), (
             text
         )
-    ids = tokens(params["vocab_size"], 1, 48)[0]
-    theirs.eval(ids.tolist())
-    expected = torch.from_numpy(np.array(theirs.scores[: len(ids)]))
     theirs.close()
+    ids = tokens(params["vocab_size"], 1, 48)[0]
+    expected = llama_cpp_logits(path, ids)
     model = Transformer(ModelArgs.from_params(params))
     model.load_state_dict(original)
     with torch.no_grad():

@@ -43,10 +43,19 @@ def test_the_kind_comes_from_the_contents_not_the_name(tmp_path, sp_model_path, 
 def test_llama3_special_ids_follow_the_ranks(tiktoken_path):
     tok = Tokenizer(tiktoken_path)
     base = tok.n_words - 256  # 256 bytes + 48 merges here; 128,000 in Meta's file
-    expected = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|reserved_special_token_0|>": 2,
-                "<|finetune_right_pad_id|>": 4, "<|start_header_id|>": 6, "<|end_header_id|>": 7,
-                "<|eom_id|>": 8, "<|eot_id|>": 9, "<|python_tag|>": 10, "<|reserved_special_token_2|>": 12,
-                "<|reserved_special_token_245|>": 255}  # fmt: skip
+    expected = {
+        "<|begin_of_text|>": 0,
+        "<|end_of_text|>": 1,
+        "<|reserved_special_token_0|>": 2,
+        "<|finetune_right_pad_id|>": 4,
+        "<|start_header_id|>": 6,
+        "<|end_header_id|>": 7,
+        "<|eom_id|>": 8,
+        "<|eot_id|>": 9,
+        "<|python_tag|>": 10,
+        "<|reserved_special_token_2|>": 12,
+        "<|reserved_special_token_245|>": 255,
+    }
     assert {name: tok.special_tokens[name] - base for name in expected} == expected
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (base, base + 1, base + 4)
     assert tok.stop_ids == (base + 1, base + 8, base + 9)
