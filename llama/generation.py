@@ -6,6 +6,7 @@ tokens, each row ending at a stop id of its tokenizer).
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -31,6 +32,8 @@ class LLaMa:
         self.device = model.tok_embeddings.weight.device
         # Meta seeds the global RNG once in build; an owned generator draws the same sequence.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # One generation at a time: they all write the one KV cache.
+        self._generating = threading.Lock()
 
     @staticmethod
     def build(
@@ -189,7 +192,7 @@ class LLaMa:
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         stop_ids = (tokenizer.eot_id,)  # Meta's: only <EOT> ends a middle
         outputs = self._outputs(prompt_tokens, None, want_text=False, stop_ids=stop_ids)
-        outputs.consume(self._steps(prompt_tokens, max_gen_len, sampler, logprobs, stop_ids))
+        self._consume(outputs, self._steps(prompt_tokens, max_gen_len, sampler, logprobs, stop_ids))
         done = outputs.completions(echo=False, logprobs=logprobs)
         out = []
         for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
@@ -216,15 +219,30 @@ class LLaMa:
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
         self._check_prompts(prompt_tokens, max_gen_len)  # all checked now, not at the first step
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
-        steps = self._steps(prompt_tokens, max_gen_len, sampler)
-        return self._outputs(prompt_tokens, stop, want_text=True).events(steps)
+        outputs = self._outputs(prompt_tokens, stop, want_text=True)
+        self._claim()  # from now until the stream is exhausted or closed
+        return _Stream(outputs.events(self._steps(prompt_tokens, max_gen_len, sampler)), self._generating.release)
 
     def _complete(self, prompt_tokens, max_gen_len, sampler, logprobs, echo, stop) -> Completions:
         """Run (checked prompts) to the end; cut each row as Meta does (prompt unless echo, first stop id)."""
-        steps = self._steps(prompt_tokens, max_gen_len, sampler, logprobs)
         outputs = self._outputs(prompt_tokens, stop, want_text=False)
-        outputs.consume(steps)
+        self._consume(outputs, self._steps(prompt_tokens, max_gen_len, sampler, logprobs))
         return outputs.completions(echo, logprobs)
+
+    def _claim(self) -> None:
+        if not self._generating.acquire(blocking=False):
+            raise RuntimeError(
+                "this LLaMa is already generating (a stream not yet exhausted or closed, or a call in another "
+                "thread): its KV cache holds one generation at a time. Finish or close() the stream first, or "
+                "build another LLaMa"
+            )
+
+    def _consume(self, outputs: Outputs, steps: Iterator[Step]) -> None:
+        self._claim()
+        try:
+            outputs.consume(steps)
+        finally:
+            self._generating.release()
 
     def _steps(
         self,
@@ -275,3 +293,32 @@ class LLaMa:
         if isinstance(prompts, str):
             raise TypeError("prompts is a list of strings: wrap a single prompt as [prompt]")
         return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+
+
+class _Stream:
+    """LLaMa.stream's iterator of StreamEvents: it holds the LLaMa (its KV cache) from the call until
+    it is exhausted, raises, or is closed (or dropped)."""
+
+    def __init__(self, events: Iterator[StreamEvent], release):
+        self._events, self._release = events, release
+
+    def __iter__(self) -> "_Stream":
+        return self
+
+    def __next__(self) -> StreamEvent:
+        if self._release is None:
+            raise StopIteration
+        try:
+            return next(self._events)
+        except BaseException:  # the end, an error or Ctrl-C: the stream is over
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._release is not None:
+            self._events.close()
+            self._release()
+            self._release = None
+
+    def __del__(self) -> None:
+        self.close()

@@ -180,3 +180,47 @@ def test_random_weights_from_a_folder_are_seeded(make_ckpt):
     b = LLaMa.build(folder, load_model=False, dtype="float32", max_seq_len=8, seed=3)
     assert torch.equal(a.model.output.weight, b.model.output.weight)
     assert a.generate([[1, 2]], 4, temperature=0) == b.generate([[1, 2]], 4, temperature=0)
+
+
+def test_one_generation_at_a_time_on_one_kv_cache(llm):
+    """A second generation while one holds the cache is refused, never run over it; a stream that is
+    exhausted or closed frees the object, and the first generation's output is unharmed."""
+    alone = llm.text_completion(["the king"], temperature=0, max_gen_len=6).texts[0]
+    first = llm.stream(["the king"], temperature=0, max_gen_len=6)
+    shown = next(first).text
+    for second in (
+        lambda: llm.stream(["war"], max_gen_len=3),
+        lambda: llm.text_completion(["war"], max_gen_len=3),
+        lambda: llm.generate([[1, 2]], 3),
+        lambda: llm.chat_completion([[{"role": "user", "content": "war"}]], max_gen_len=3),
+    ):
+        with pytest.raises(RuntimeError, match="already generating .*close\\(\\) the stream first"):
+            second()
+    assert shown + "".join(e.text for e in first) == alone  # exhausted: free again
+    paused = llm.stream(["war"], max_gen_len=3)
+    next(paused)
+    paused.close()
+    assert llm.text_completion(["the king"], temperature=0, max_gen_len=6).texts[0] == alone
+    llm.stream(["war"], max_gen_len=3)  # never started, dropped: free again
+    assert llm.generate([[1, 2]], 2, temperature=0)[0]
+
+
+def test_a_generation_in_another_thread_holds_the_cache(llm):
+    import threading
+
+    started, go_on = threading.Event(), threading.Event()
+
+    def pause(module, args, out):
+        started.set()
+        go_on.wait(timeout=30)
+
+    handle = llm.model.output.register_forward_hook(pause)
+    worker = threading.Thread(target=lambda: llm.text_completion(["the king"], max_gen_len=2))
+    worker.start()
+    assert started.wait(timeout=30)
+    with pytest.raises(RuntimeError, match="already generating"):
+        llm.text_completion(["war"], max_gen_len=2)
+    go_on.set()
+    worker.join(timeout=60)
+    handle.remove()
+    assert llm.text_completion(["war"], max_gen_len=2).texts  # free once the thread is done
