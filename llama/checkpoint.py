@@ -33,11 +33,19 @@ def read_params(ckpt_dir: str | os.PathLike) -> ModelArgs:
         raise FileNotFoundError(
             f"no params.json in {Path(ckpt_dir)}: a Meta checkpoint folder has one beside its shards"
         )
+    return read_params_file(path)
+
+
+def read_params_file(path: Path) -> ModelArgs:
+    """A params.json's ModelArgs; whatever is wrong names the file and the field."""
     try:
-        params = json.loads(path.read_text())
+        args = ModelArgs.from_params(json.loads(path.read_bytes().decode("utf-8")))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    args = ModelArgs.from_params(params)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     if args.extra:
         logger.info("%s: keeping keys this version does not use: %s", path, sorted(args.extra))
     return args

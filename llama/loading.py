@@ -5,7 +5,6 @@ quantized when asked, after refusing, before the model is allocated (a GGUF file
 weights that would not fit in free memory beside the run's KV cache. LLaMa.build calls `load`.
 """
 
-import json
 import logging
 import math
 import os
@@ -13,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import MetaCheckpoint, find_tokenizer, load_shard, read_params
+from llama.checkpoint import MetaCheckpoint, find_tokenizer, load_shard, read_params, read_params_file
 from llama.convert.gguf import read_gguf
 from llama.cpu import weight_bytes
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, cache_shape
 from llama.quantize import check_scheme, make_quantized, quantized_bytes, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
 from llama.tokenizer import Tokenizer
@@ -74,7 +73,7 @@ def load_meta_folder(
             f"the embedding in {checkpoint.dir} has {checkpoint.vocab_size} rows but the tokenizer {tokenizer.path} "
             f"has {args.vocab_size} words: pass the tokenizer.model that belongs to this model"
         )
-    model = _empty(args, dtype)
+    model = _empty(args, dtype, device, max_batch_size, max_seq_len)
     # Quantizing a shard that is used in place (mmap) keeps one float matrix resident at a time;
     # otherwise the float model is whole in memory first.
     in_place = quantize is not None and checkpoint.maps_in_place(dtype, device)
@@ -104,7 +103,12 @@ def load_quantized_folder(
         raise ValueError(f"{folder} is already quantized ({scheme['scheme']}): leave out quantize=")
     args = read_params(folder)
     tokenizer = _tokenizer(args, folder, tokenizer_path)
-    model = make_quantized(_empty(args, dtype), scheme["scheme"], scheme.get("group_size") or 64, quantize=False)
+    model = make_quantized(
+        _empty(args, dtype, device, max_batch_size, max_seq_len),
+        scheme["scheme"],
+        scheme.get("group_size") or 64,
+        quantize=False,
+    )
     _allocate(model, device, max_batch_size, max_seq_len)
     path = folder / "consolidated.00.pth"
     try:
@@ -129,7 +133,7 @@ def load_gguf(
     device, dtype = _placement(device, dtype, quantize)
     state_dict, args, proto = read_gguf(path, dtype)
     tokenizer = _tokenizer(args, Path(path), tokenizer_path, proto)
-    model = _allocate(_empty(args, dtype), device, max_batch_size, max_seq_len)
+    model = _allocate(_empty(args, dtype, device, max_batch_size, max_seq_len), device, max_batch_size, max_seq_len)
     model.load_state_dict(state_dict, strict=True)
     return _quantized(model, quantize), tokenizer
 
@@ -151,7 +155,7 @@ def random_weights(
     path = Path(params)
     args = read_params(path) if path.is_dir() else preset_args(str(path))
     tokenizer = _tokenizer(args, path, tokenizer_path, required=False)
-    model = _allocate(_empty(args, dtype), device, max_batch_size, max_seq_len)
+    model = _allocate(_empty(args, dtype, device, max_batch_size, max_seq_len), device, max_batch_size, max_seq_len)
     model.init_weights(torch.Generator(device=device).manual_seed(seed))
     return _quantized(model, quantize), tokenizer
 
@@ -162,7 +166,7 @@ def preset_args(name: str) -> ModelArgs:
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
         raise FileNotFoundError(f"{name!r} is neither a checkpoint folder nor a preset; presets: {', '.join(known)}")
-    return ModelArgs.from_params(json.loads(path.read_text()))
+    return read_params_file(path)
 
 
 def _tokenizer(
@@ -202,9 +206,11 @@ def _placement(device: str | torch.device | None, dtype: str | torch.dtype | Non
     return device, resolve_dtype(dtype, device)
 
 
-def _empty(args: ModelArgs, dtype: torch.dtype) -> Transformer:
-    """The architecture on the meta device: shapes and dtypes, no memory. Logs the scaled RoPE's
-    factor, which params.json leaves to the reader for Llama 3.2 (ModelArgs.rope_factor)."""
+def _empty(args: ModelArgs, dtype: torch.dtype, device: torch.device, max_batch_size: int, max_seq_len: int):
+    """The architecture on the meta device: shapes and dtypes, no memory. A model that could not fit
+    even at 4 bits a weight is refused by arithmetic first (building a huge one on the meta device
+    would take minutes). Logs the scaled RoPE's factor, which params.json may leave to the reader."""
+    _check_fits(args, args.parameter_count() // 2, dtype, device, max_batch_size, max_seq_len)
     if args.use_scaled_rope:
         factor, source = args.rope_factor_and_source()
         logger.info("scaled RoPE, factor %g (%s); rope_scaling_factor in params.json sets another", factor, source)
@@ -216,13 +222,16 @@ def _allocate(
     model: Transformer, device: torch.device, max_batch_size: int, max_seq_len: int, nbytes: int | None = None
 ) -> Transformer:
     """Give the meta model its (uninitialised) memory on device, after refusing weights (nbytes when
-    they will not be the model's own size) and a KV cache (cache_k, cache_v per layer) that exceed
-    free memory."""
-    cache = model.cache_shape(max_batch_size, max_seq_len)
-    cache_bytes = 2 * len(model.layers) * math.prod(cache) * model.tok_embeddings.weight.dtype.itemsize
+    they will not be the model's own size) and a KV cache that exceed free memory."""
     nbytes = weight_bytes(model) if nbytes is None else nbytes
-    check_fits(nbytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
+    _check_fits(model.params, nbytes, model.tok_embeddings.weight.dtype, device, max_batch_size, max_seq_len)
     return model.to_empty(device=device)
+
+
+def _check_fits(args, nbytes: int, dtype: torch.dtype, device: torch.device, max_batch_size: int, max_seq_len: int):
+    """Weights of nbytes and the KV cache (cache_k, cache_v per layer), against free memory."""
+    cache_bytes = 2 * args.n_layers * math.prod(cache_shape(args, max_batch_size, max_seq_len)) * dtype.itemsize
+    check_fits(nbytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
 
 
 def _quantized(model: Transformer, quantize: str | None) -> Transformer:

@@ -5,6 +5,7 @@ D head dim. The KV cache is owned by each Attention and allocated by `setup_cach
 the constructor, so building the architecture costs no memory for a run that has not started.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -29,8 +30,32 @@ class ModelArgs:
     rope_scaling_factor: float | None = None  # its factor; None: rope_factor's choice (Meta's name, from Llama 4)
     extra: dict = field(default_factory=dict)  # params.json keys this version does not use
 
+    def __post_init__(self):
+        """Refuse what no LLaMA can be, naming the field: the one check of params.json's values."""
+        optional = [
+            name for name in ("n_kv_heads", "ffn_dim_multiplier", "rope_scaling_factor") if getattr(self, name) is None
+        ]
+        for name in {"dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"} - set(optional):
+            if not (_is_int(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name}={getattr(self, name)!r}: use a positive integer")
+        if not (_is_int(self.vocab_size) and (self.vocab_size > 0 or self.vocab_size == -1)):
+            raise ValueError(f"vocab_size={self.vocab_size!r}: use a positive integer, or -1 for the tokenizer's size")
+        for name in {"norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor"} - set(optional):
+            if not (_is_number(getattr(self, name)) and 0 < getattr(self, name) < math.inf):
+                raise ValueError(f"{name}={getattr(self, name)!r}: use a positive number")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(
+                f"use_scaled_rope={self.use_scaled_rope!r}: use true or false (JSON booleans, not strings)"
+            )
+        if self.dim % self.n_heads or self.head_dim % 2:
+            raise ValueError(f"dim={self.dim} with n_heads={self.n_heads}: each head needs an even size, dim / n_heads")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
+
     @classmethod
     def from_params(cls, params: dict) -> "ModelArgs":
+        if not isinstance(params, dict):
+            raise ValueError(f"params.json holds a {type(params).__name__}, not an object of Meta's fields")
         known = {f.name for f in fields(cls)} - {"extra"}
         args = cls(**{k: v for k, v in params.items() if k in known})
         args.extra = {k: v for k, v in params.items() if k not in known}
@@ -63,6 +88,12 @@ class ModelArgs:
             return 32.0, f"{name}'s shape"
         return LLAMA3_ROPE_SCALING["factor"], "Meta's code's, right for Llama 3.1 and 3.3"
 
+    def parameter_count(self) -> int:
+        """Every weight of the network, by arithmetic (no model built): output and embedding apart."""
+        kv, hidden = self.kv_heads * self.head_dim, self.ffn_hidden_dim
+        layer = 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * hidden + 2 * self.dim
+        return self.n_layers * layer + self.dim + 2 * max(self.vocab_size, 0) * self.dim
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -94,6 +125,14 @@ LLAMA3_ROPE_SCALING = {
 # maintainers confirmed 32 (meta-llama/llama-models issues 166 and 241). Their (dim, n_layers,
 # n_heads, n_kv_heads), from Meta's released params.json:
 LLAMA3_2_SHAPES = {(2048, 16, 32, 8): "Llama 3.2 1B", (3072, 28, 24, 8): "Llama 3.2 3B"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class RMSNorm(nn.Module):
@@ -237,6 +276,11 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def cache_shape(args: ModelArgs, max_batch_size: int, max_seq_len: int) -> tuple[int, int, int, int]:
+    """The shape of each layer's cache_k and cache_v: [max_batch_size, Hkv, max_seq_len, D]."""
+    return (max_batch_size, args.kv_heads, max_seq_len, args.head_dim)
+
+
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
@@ -259,16 +303,12 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache once, in the model's dtype on its device, and the rotations."""
         weight = self.tok_embeddings.weight  # never quantized: the dtype activations have
-        shape = self.cache_shape(max_batch_size, max_seq_len)
+        shape = cache_shape(self.params, max_batch_size, max_seq_len)
         for layer in self.layers:
             layer.attention.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
             layer.attention.cache_v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.freqs_cis = self._freqs(max_seq_len).to(weight.device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-
-    def cache_shape(self, max_batch_size: int, max_seq_len: int) -> tuple[int, int, int, int]:
-        """The shape of each layer's cache_k and cache_v: [max_batch_size, Hkv, max_seq_len, D]."""
-        return (max_batch_size, self.params.kv_heads, max_seq_len, self.params.head_dim)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Random weights for a model built without a checkpoint: N(0, 0.02) matrices, unit norms."""

@@ -166,3 +166,58 @@ def test_legacy_pickle_without_zip_loads(make_ckpt):
     shard = torch.load(folder / "consolidated.00.pth")
     torch.save(shard, folder / "consolidated.00.pth", _use_new_zipfile_serialization=False)
     assert torch.equal(loaded_state(folder)["output.weight"], sd["output.weight"])
+
+
+BAD_PARAMS = [
+    ({"use_scaled_rope": "false"}, "use_scaled_rope='false': use true or false"),
+    ({"norm_eps": -1}, "norm_eps=-1: use a positive number"),
+    ({"norm_eps": float("nan")}, "norm_eps=nan"),
+    ({"rope_theta": 0}, "rope_theta=0"),
+    ({"rope_theta": -10000.0}, "rope_theta=-10000.0"),
+    ({"dim": "64"}, "dim='64': use a positive integer"),
+    ({"dim": 64.0}, "dim=64.0"),
+    ({"n_layers": None}, "n_layers=None"),
+    ({"n_heads": [4]}, r"n_heads=\[4\]"),
+    ({"n_heads": True}, "n_heads=True"),
+    ({"n_layers": 0}, "n_layers=0"),
+    ({"multiple_of": -32}, "multiple_of=-32"),
+    ({"vocab_size": 0}, "vocab_size=0: use a positive integer, or -1"),
+    ({"n_kv_heads": 0}, "n_kv_heads=0"),
+    ({"ffn_dim_multiplier": "1.3"}, "ffn_dim_multiplier='1.3'"),
+    ({"rope_scaling_factor": float("inf")}, "rope_scaling_factor=inf"),
+    ({"n_heads": 5}, "dim=64 with n_heads=5: each head needs an even size"),
+    ({"dim": 60, "n_heads": 4}, "dim=60 with n_heads=4: each head needs an even size"),
+    ({"n_kv_heads": 3}, "n_kv_heads=3 does not divide n_heads=4"),
+]
+
+
+@pytest.mark.parametrize("change, match", BAD_PARAMS, ids=[m.split(":")[0][:30] for _, m in BAD_PARAMS])
+def test_params_json_values_are_checked_naming_file_and_field(make_ckpt, change, match):
+    folder, _ = make_ckpt(MHA)
+    (folder / "params.json").write_text(json.dumps(dict(MHA, **change)))
+    with pytest.raises(ValueError, match=f"params.json: {match}"):
+        LLaMa.build(folder, max_seq_len=8)
+    with pytest.raises(ValueError, match=match):
+        ModelArgs.from_params(dict(MHA, **change))
+
+
+def test_params_json_that_is_not_an_object_or_not_utf8(make_ckpt):
+    folder, _ = make_ckpt(MHA)
+    (folder / "params.json").write_text("[64, 2]")
+    with pytest.raises(ValueError, match="params.json: params.json holds a list, not an object"):
+        LLaMa.build(folder, max_seq_len=8)
+    (folder / "params.json").write_bytes(b'{"dim": 64, "n\xff": 1}')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match="params.json is not UTF-8 text"):
+        LLaMa.build(folder, max_seq_len=8)
+
+
+def test_a_huge_architecture_is_refused_by_arithmetic_before_any_module_is_built(make_ckpt, monkeypatch):
+    folder, _ = make_ckpt(MHA)
+    (folder / "params.json").write_text(json.dumps(dict(MHA, n_layers=10**6, dim=4096, n_heads=32)))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a Transformer was built")
+
+    monkeypatch.setattr("llama.loading.Transformer", never)
+    with pytest.raises(ValueError, match="not enough memory on cpu: the weights need"):
+        LLaMa.build(folder, max_seq_len=8, device="cpu", load_model=False)

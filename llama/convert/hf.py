@@ -82,6 +82,7 @@ def ffn_params(intermediate_size: int, dim: int, hint: dict | None = None) -> di
         ratio = intermediate_size / base
         # The last multiplier lands int(multiplier * base) mid-way on intermediate_size: always exact.
         multipliers = [None, *(round(ratio, k) for k in range(1, 7)), (intermediate_size + 0.5) / base]
+        multipliers = [m for m in multipliers if m is None or m > 0]  # a tiny size's ratio rounds to 0
         candidates = [(2**p, m) for m in multipliers for p in range(12, -1, -1)]
         if hint and hint.get("multiple_of"):
             candidates.insert(0, (hint["multiple_of"], hint.get("ffn_dim_multiplier")))
