@@ -99,6 +99,10 @@ def decode_steps(
         else:  # only the last position is sampled from; [B, dim] (a strided [B, 1, dim] view would
             # make matmul materialise the output weight once per row)
             last = model.output(model.hidden(tokens[:, prev_pos:cur_pos], prev_pos)[:, -1]).float()
+        # Non-finite logits would make greedy pick index 0 and sampling fail inside torch: such rows
+        # are sampled from zeros here, and refused once this step's values reach the host below.
+        finite = torch.isfinite(last).all(dim=-1)
+        last = torch.where(finite[:, None], last, 0.0)
         token = sampler(last, tokens[:, :cur_pos], generator)
         # Rows still inside their prompt take the prompt's token, not the sample.
         generated = ~input_text_mask[:, cur_pos]
@@ -113,7 +117,14 @@ def decode_steps(
         ends = new & (torch.isin(token, stop) | (cur_pos + 1 >= prompt_lens + max_gen_len))
         done |= ends
         # one copy to the host per step (two with logprobs)
-        row_tokens, row_new, row_ends, row_done = torch.stack([token, new.long(), ends.long(), done.long()]).tolist()
+        host = torch.stack([token, new.long(), ends.long(), done.long(), (finite | ~new).long()])
+        row_tokens, row_new, row_ends, row_done, row_finite = host.tolist()
+        if not all(row_finite):
+            bad = [b for b, ok in enumerate(row_finite) if not ok]
+            raise RuntimeError(
+                f"the model's logits are NaN or infinite for row(s) {bad} at position {cur_pos}: usually a "
+                "damaged checkpoint, or float16 overflowing (build with dtype='bfloat16' or 'float32')"
+            )
         row_scores = None if scores is None else scores.tolist()
         yield Step(cur_pos, row_tokens, list(map(bool, row_new)), list(map(bool, row_ends)), row_scores)
         prev_pos = cur_pos

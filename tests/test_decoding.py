@@ -150,3 +150,16 @@ def test_echo_keeps_a_prompt_that_holds_a_stop_id(llm3):
     scripted(llm3, [[302, 303, tok.eot_id]])
     tokens, _ = llm3.generate([prompt], 5, temperature=0, echo=True)
     assert tokens[0] == prompt + [302, 303]  # Meta's cut would stop at the prompt's <|eot_id|>
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_are_an_error_naming_row_and_position(llm, temperature, bad):
+    def poison(module, args, logits):  # row 1 only, from its first generated token on
+        logits = logits.clone()
+        (logits if logits.dim() == 2 else logits[:, -1])[1, 5] = bad
+        return logits
+
+    llm.model.output.register_forward_hook(poison)
+    with pytest.raises(RuntimeError, match=r"NaN or infinite for row\(s\) \[1\] at position 2: usually a damaged"):
+        llm.generate([[1, 2], [1, 3]], 4, temperature=temperature)
