@@ -76,20 +76,38 @@ def split_dim(key: str, shape: torch.Size, args: ModelArgs) -> int | None:
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    """A .pth file's tensors, mapped (mmap) where the format allows; refused if it holds other objects."""
+    """A .pth file's tensors, mapped (mmap) where the format allows. A file that is not a plain state
+    dict of tensors is an error naming it; one whose loading would run code is refused, never run."""
+    if not path.is_file():  # a directory, or a FIFO, whose reading would block forever
+        raise ValueError(f"{path} is not a regular file: a shard is a file written by torch.save")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty: the download or copy did not finish; fetch it again")
     try:
         try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
+            state = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not an object it names, but bytes that are no pickle
+            raise ValueError(f"{path} is not a PyTorch checkpoint, or a damaged one: fetch it again") from None
         raise ValueError(
             f"refused to load {path}: it holds objects other than tensors, and loading it could run "
             f"code ({str(e).splitlines()[0]}). Only load checkpoints from a source you trust, "
             "saved as plain state dicts."
         ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({str(e).split('. ')[0]}): it is truncated or "
+            "damaged; fetch it again (checklist.chk has its md5)"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (weight names -> tensors)")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: {key!r} is a {type(value).__name__}, not a tensor: not a plain state dict")
+    return state
 
 
 class MetaCheckpoint:
@@ -108,9 +126,12 @@ class MetaCheckpoint:
             if count % n:
                 raise ValueError(f"{n} shards in {self.dir} cannot split {what}={count}: is a shard missing or extra?")
         self.shards = [load_shard(p) for p in self.paths]
-        for shard in self.shards:
+        for path, shard in zip(self.paths, self.shards):
             for key in DROPPED_KEYS:
                 shard.pop(key, None)
+            for key, tensor in shard.items():
+                if not tensor.is_floating_point():  # cast to float, it would run and give nonsense
+                    raise ValueError(f"{path}: {key} is {tensor.dtype}; a LLaMA's weights are floating point")
         self.shapes = self._merged_shapes()
 
     def _merged_shapes(self) -> dict[str, torch.Size]:
@@ -182,8 +203,8 @@ class MetaCheckpoint:
                     if key not in in_place:
                         release_mapped([tensor], spans)  # copied: its file pages need not stay resident
                 del shard
-        if in_place:
-            model.load_state_dict(in_place, strict=True, assign=True)
+        if in_place:  # the rest (another dtype: fp32 norms beside bf16 matrices) was copied into place
+            model.load_state_dict(expected | in_place, strict=True, assign=True)
 
 
 def load_merged(meta_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelArgs]:

@@ -221,3 +221,69 @@ def test_a_huge_architecture_is_refused_by_arithmetic_before_any_module_is_built
     monkeypatch.setattr("llama.loading.Transformer", never)
     with pytest.raises(ValueError, match="not enough memory on cpu: the weights need"):
         LLaMa.build(folder, max_seq_len=8, device="cpu", load_model=False)
+
+
+def damage(path, how: str) -> None:
+    good = path.read_bytes()
+    path.unlink()
+    if how == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "random bytes":
+        path.write_bytes(bytes(range(256)) * 40)
+    elif how == "a list":
+        torch.save([torch.ones(2)], path)
+    elif how == "non-tensors":
+        torch.save({"tok_embeddings.weight": torch.ones(2), "step": 3}, path)
+    elif how == "a directory":
+        path.mkdir()
+    elif how == "a FIFO":  # reading one would block forever
+        os.mkfifo(path)
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("truncated", "is not a readable PyTorch checkpoint .*truncated or damaged"),
+        ("empty", "is empty: the download or copy did not finish"),
+        ("random bytes", "is not a PyTorch checkpoint, or a damaged one"),
+        ("a list", "holds a list, not a state dict"),
+        ("non-tensors", "'step' is a int, not a tensor"),
+        ("a directory", "is not a regular file"),
+        pytest.param(
+            "a FIFO", "is not a regular file", marks=pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+        ),
+    ],
+)
+def test_damaged_or_foreign_shards_name_the_file(make_ckpt, how, match):
+    folder, _ = make_ckpt(MHA, 2)
+    damage(folder / "consolidated.01.pth", how)
+    with pytest.raises(ValueError, match=f"consolidated.01.pth.*{match}|{match}.*") as e:
+        LLaMa.build(folder, max_seq_len=8)
+    assert "consolidated.01.pth" in str(e.value)
+
+
+def test_an_integer_shard_is_refused_not_cast(make_ckpt):
+    folder, sd = make_ckpt(MHA, 1)
+    torch.save({k: (v * 100).long() if "wq" in k else v for k, v in sd.items()}, folder / "consolidated.00.pth")
+    with pytest.raises(
+        ValueError, match=r"consolidated.00.pth: layers.0.attention.wq.weight is torch.int64; .*floating"
+    ):
+        LLaMa.build(folder, max_seq_len=8)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_one_shard_of_mixed_dtypes_loads(make_ckpt, dtype, tmp_path):
+    """As fine-tuning tools write them: float32 norms beside bf16 matrices (used in place by a
+    bf16 build, copied by a float32 one)."""
+    folder, sd = make_ckpt(MHA, 1)
+    mixed = {k: v if v.dim() == 1 else v.bfloat16() for k, v in sd.items()}
+    torch.save(mixed, folder / "consolidated.00.pth")
+    model = LLaMa.build(folder, max_seq_len=8, dtype=dtype, device="cpu").model
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, mixed[key].to(value.dtype)), key
+    from llama.checkpoint import load_merged
+
+    merged, _ = load_merged(folder)  # what the HF and GGUF exports read
+    assert all(torch.equal(merged[k], mixed[k].to(merged[k].dtype)) for k in mixed)
