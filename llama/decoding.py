@@ -133,19 +133,24 @@ def decode_steps(
 
 
 class _RowText:
-    """One row's text: streamed as completed, held back while it could be the start of a stop."""
+    """One row's text: streamed as completed, held back while it could be the start of a stop.
+    After a stop string, `kept` is how many of the row's ids lie wholly before it."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
         self.decoder, self.stop = StreamDecoder(tokenizer), stop
         self.text, self.sent = "", 0
+        self.whole: list[int] = [0]  # text lengths after each id that ended on a whole character
+        self.kept: int | None = None
 
     def push(self, token: int) -> tuple[str, bool]:
         """Decode one more id; return (text now safe to show, whether a stop string ended it)."""
         start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
         self.text += self.decoder.push(token)
+        self.whole.append(len(self.text) if self.decoder.read == len(self.decoder.ids) else -1)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
+            self.kept = max(n for n, end in enumerate(self.whole) if 0 <= end <= len(self.text))
             return self._send(len(self.text)), True
         hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
         return self._send(len(self.text) - hold), False
@@ -209,8 +214,10 @@ class Outputs:
                 continue
             row = self.row_texts[b]
             text, stopped = ("", False) if token in self.stop_ids else row.push(token)
-            if stopped:
+            if stopped:  # the ids of the stop string (and of a token it begins inside) go too
                 self.stop_reasons[b] = "stop_string"
+                end = len(self.prompt_tokens[b]) + row.kept
+                self.tokens[b], self.logprobs[b] = self.tokens[b][:end], self.logprobs[b][:end]
             if self.stop_reasons[b] is not None:
                 yield StreamEvent(b, text + ("" if stopped else row.finish()), True, self.stop_reasons[b])
             elif text:

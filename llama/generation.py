@@ -25,6 +25,10 @@ from llama.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class LLaMa:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, seed: int = 1):
         self.model = model
@@ -34,6 +38,7 @@ class LLaMa:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # One generation at a time: they all write the one KV cache.
         self._generating = threading.Lock()
+        self._warned_cut = False
 
     @staticmethod
     def build(
@@ -102,7 +107,7 @@ class LLaMa:
         Logprob i scores token i given the tokens before it (0.0 for a row's first token).
         top_k, repetition_penalty and stop strings are off by default, leaving Meta's draws.
         """
-        self._check_prompts(prompt_tokens, max_gen_len)
+        max_gen_len = self._check_prompts(prompt_tokens, max_gen_len)
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, echo, stop)
         return done.tokens, done.logprobs
@@ -125,8 +130,7 @@ class LLaMa:
         max_gen_len=None allows up to max_seq_len - 1 new tokens, as in Meta's code.
         """
         prompt_tokens = self._encode_prompts(prompts)
-        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        self._check_prompts(prompt_tokens, max_gen_len)
+        max_gen_len = self._check_prompts(prompt_tokens, max_gen_len)
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         return self._complete(prompt_tokens, max_gen_len, sampler, logprobs, echo, stop)
 
@@ -152,11 +156,10 @@ class LLaMa:
         for i, dialog in enumerate(dialogs):
             check_dialog(dialog, i, self.tokenizer)
         safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog, self.tokenizer)]
-        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
         replies = [(UNSAFE_ERROR, None, [], [])] * len(dialogs)
         if safe:
             prompt_tokens = [encode_dialog(self.tokenizer, dialogs[i]) for i in safe]
-            self._check_prompts(prompt_tokens, max_gen_len)
+            max_gen_len = self._check_prompts(prompt_tokens, max_gen_len)
             sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
             done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, False, stop)
             for j, i in enumerate(safe):
@@ -187,8 +190,7 @@ class LLaMa:
         if isinstance(prefixes, str) or isinstance(suffixes, str) or len(prefixes) != len(suffixes):
             raise ValueError("prefixes and suffixes are lists of strings of the same length: one pair per gap")
         prompt_tokens = [infilling_prompt(tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
-        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        self._check_prompts(prompt_tokens, max_gen_len)
+        max_gen_len = self._check_prompts(prompt_tokens, max_gen_len)
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         stop_ids = (tokenizer.eot_id,)  # Meta's: only <EOT> ends a middle
         outputs = self._outputs(prompt_tokens, None, want_text=False, stop_ids=stop_ids)
@@ -216,8 +218,7 @@ class LLaMa:
         row concatenate to text_completion's text for it. Prompts are strings or token id lists."""
         is_ids = bool(prompts) and not isinstance(prompts, str) and all(isinstance(p, list) for p in prompts)
         prompt_tokens = prompts if is_ids else self._encode_prompts(prompts)
-        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        self._check_prompts(prompt_tokens, max_gen_len)  # all checked now, not at the first step
+        max_gen_len = self._check_prompts(prompt_tokens, max_gen_len)  # all checked now, not at the first step
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         outputs = self._outputs(prompt_tokens, stop, want_text=True)
         self._claim()  # from now until the stream is exhausted or closed
@@ -264,13 +265,18 @@ class LLaMa:
         want_text: bool,
         stop_ids: Sequence[int] | None = None,
     ) -> Outputs:
+        stop = stop if stop is None or isinstance(stop, str) else list(stop)  # an iterator is read once
         if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"stop={stop!r}: pass a list of non-empty strings")
         stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         return Outputs(self.tokenizer, prompt_tokens, stop_ids, list(stop or []), want_text)
 
-    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
-        """Refuse, before any step, a batch that does not fit the cache or asks for nothing."""
+    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int | None) -> int:
+        """Refuse, before any step, a batch that is not lists of the model's ids, does not fit the
+        cache or asks for nothing; returns max_gen_len (None: up to max_seq_len - 1, Meta's default)."""
+        if not isinstance(prompt_tokens, list) or (prompt_tokens and all(_is_int(t) for t in prompt_tokens)):
+            what = "one flat list of ids" if isinstance(prompt_tokens, list) else f"a {type(prompt_tokens).__name__}"
+            raise ValueError(f"prompt_tokens is {what}: pass a list of id lists, one per prompt ([ids] for one)")
         if not prompt_tokens:
             raise ValueError("no prompts: pass at least one")
         if len(prompt_tokens) > self.model.max_batch_size:
@@ -278,16 +284,39 @@ class LLaMa:
                 f"{len(prompt_tokens)} prompts but max_batch_size={self.model.max_batch_size}: pass fewer prompts "
                 "at a time or build with a larger max_batch_size"
             )
+        vocab = self.model.vocab_size
         for i, t in enumerate(prompt_tokens):
+            if not isinstance(t, list) or not all(_is_int(x) for x in t):
+                raise ValueError(
+                    f"prompt {i} is {type(t).__name__} {str(t)[:60]}: pass a list of ints (.tolist() a tensor)"
+                )
             if len(t) == 0:
                 raise ValueError(f"prompt {i} has no tokens")
+            if not all(0 <= x < vocab for x in t):
+                bad = next(x for x in t if not 0 <= x < vocab)
+                raise ValueError(f"prompt {i} holds id {bad}, outside the model's vocabulary 0..{vocab - 1}")
             if len(t) > self.model.max_seq_len:
                 raise ValueError(
                     f"prompt {i} has {len(t)} tokens, {len(t) - self.model.max_seq_len} more than "
                     f"max_seq_len={self.model.max_seq_len}: shorten it or build with a larger max_seq_len"
                 )
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len={max_gen_len}: ask for at least 1 new token")
+        if max_gen_len is None:
+            return self.model.max_seq_len - 1
+        if not _is_int(max_gen_len) or max_gen_len < 1:
+            raise ValueError(f"max_gen_len={max_gen_len!r}: ask for a whole number of new tokens, at least 1")
+        longest = max(map(len, prompt_tokens))
+        if longest + max_gen_len > self.model.max_seq_len and not self._warned_cut:
+            self._warned_cut = True
+            logger.warning(
+                "a %d-token prompt leaves room for %d of max_gen_len=%d new tokens in max_seq_len=%d: answers are "
+                "cut there, as in Meta's code (build with max_seq_len=%d for all of them; said once)",
+                longest,
+                self.model.max_seq_len - longest,
+                max_gen_len,
+                self.model.max_seq_len,
+                longest + max_gen_len,
+            )
+        return max_gen_len
 
     def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         if isinstance(prompts, str):

@@ -3,6 +3,7 @@ are off by default (so, unused, the draws are exactly Meta's). Logits are [B, vo
 the last position of each row; history is [B, S] ids so far (pad ids < 0 are ignored).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,10 @@ def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class Sampler:
     temperature: float = 0.6
@@ -46,16 +51,18 @@ class Sampler:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature}: use 0 for greedy decoding or a positive value")
-        if not 0 < self.top_p <= 1:
+        if not (_is_number(self.temperature) and 0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature={self.temperature!r}: use 0 for greedy decoding or a positive number")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(
-                f"top_p={self.top_p} is outside (0, 1]: 1 disables nucleus sampling, Meta's default is 0.9"
+                f"top_p={self.top_p!r} is outside (0, 1]: 1 disables nucleus sampling, Meta's default is 0.9"
             )
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and not (
+            isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 1
+        ):
             raise ValueError(f"top_k={self.top_k!r}: use a positive int, or None to keep every token")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty}: use 1.0 for none, or e.g. 1.1-1.3")
+        if not (_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf):
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: use 1.0 for none, or e.g. 1.1-1.3")
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """[B] next ids: greedy at temperature 0, else softmax(logits / temperature) and top-p."""

@@ -6,6 +6,7 @@ that end a turn (stop_ids); StreamDecoder turns ids into text as they arrive, fo
 
 import base64
 import binascii
+import functools
 import logging
 import os
 import re
@@ -64,6 +65,13 @@ class Tokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         if not isinstance(s, str):
             raise TypeError(f"encode takes a str, got {type(s).__name__}: {s!r}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"the text holds {s[e.start]!r} at index {e.start}, half of a UTF-16 surrogate pair and no character: "
+                "decode its source as UTF-8 (or pass errors='replace')"
+            ) from None
         t = self._encode(s)
         return [self.bos_id] * bos + t + [self.eos_id] * eos
 
@@ -123,6 +131,20 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, t: list[int]) -> str:
         return self.sp_model.decode(t)
+
+    @functools.cached_property
+    def anchor_id(self) -> int | None:
+        """A piece that decodes to itself, a visible character: decode([anchor, *ids]) after it is
+        how ids read after earlier text (decoding ids alone drops their leading spaces: one
+        dummy-prefix space, or all of them when the model was trained with remove_extra_whitespaces)."""
+        sp = self.sp_model
+        for i in range(self.n_words):
+            piece = sp.id_to_piece(i)
+            if sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i) or sp.is_unused(i) or len(piece) != 1:
+                continue
+            if piece.isalnum() and sp.decode([i, i]) == piece * 2:
+                return i
+        return None
 
     def encode_infilling(self, s: str) -> list[int]:
         """s without SentencePiece's leading space (Code Llama's suffixes): Meta encodes "☺" + s and
@@ -205,10 +227,11 @@ def split_runs(s: str, limit: int) -> Iterator[str]:
 class StreamDecoder:
     """Incremental decoding of one row: `push(id)` returns the text that id completes.
 
-    Decoding a lone piece drops SentencePiece's leading-space marker, and one character may span
-    several byte pieces (both kinds), so each step decodes a short window that starts one token
-    back and takes the difference; a window ending in U+FFFD (an unfinished UTF-8 sequence) waits
-    for more. The pieces returned always concatenate to decode(all ids pushed so far), minus any wait.
+    One character may span several byte pieces (both kinds), so each step decodes a short window
+    that starts one token back and takes the difference; a window ending in U+FFFD (an unfinished
+    UTF-8 sequence) waits for more. SentencePiece drops a text's leading spaces, so a window that
+    does not start the row is decoded after an anchor piece. The pieces returned always concatenate
+    to decode(all ids pushed so far), minus any wait.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -225,9 +248,16 @@ class StreamDecoder:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        after = self.tokenizer.decode(self.ids[self.prefix :])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        """ids as they read where they stand: after the row's earlier text unless they start it."""
+        anchor = getattr(self.tokenizer, "anchor_id", None)  # SentencePiece's; tiktoken's decode concatenates
+        if self.prefix == 0 or anchor is None:
+            return self.tokenizer.decode(ids)
+        return self.tokenizer.decode([anchor, *ids])[1:]

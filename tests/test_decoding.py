@@ -82,7 +82,8 @@ def test_stop_strings_end_the_row_and_are_cut_off(llm):
     tokens, texts = llm.text_completion(["x", "y"], temperature=0, max_gen_len=len(rows[0]), stop=["queen", "wine"])
     assert texts[0] == tok.decode(rows[0]).split("queen")[0]
     assert texts[1] == tok.decode(rows[1]).split("wine")[0]
-    assert tok.decode(tokens[0]).startswith(texts[0] + "q") and len(tokens[0]) < len(rows[0])
+    # the stop string's ids are gone: row 0's begins at a token's start, row 1's inside "▁wine"
+    assert tok.decode(tokens[0]) == texts[0] and tok.decode(tokens[1]) == texts[1].rstrip()
 
 
 def test_streamed_text_never_shows_part_of_a_stop_string(llm):
@@ -163,3 +164,22 @@ def test_non_finite_logits_are_an_error_naming_row_and_position(llm, temperature
     llm.model.output.register_forward_hook(poison)
     with pytest.raises(RuntimeError, match=r"NaN or infinite for row\(s\) \[1\] at position 2: usually a damaged"):
         llm.generate([[1, 2], [1, 3]], 4, temperature=temperature)
+
+
+def test_a_stop_string_inside_a_token_drops_that_token_from_the_ids(llm):
+    """.tokens never holds an id with a character of the stop string; .texts keeps what precedes it."""
+    tok = llm.tokenizer
+    row = tok.encode(" the king and the queen", False, False)
+    scripted(llm, [row])
+    done = llm.text_completion(["x"], temperature=0, max_gen_len=len(row), stop=["ng and"], logprobs=True)
+    assert done.texts[0] == tok.decode(row).split("ng and")[0]
+    assert done.texts[0].startswith(tok.decode(done.tokens[0])) and "ng" not in tok.decode(done.tokens[0])[-3:]
+    assert len(done.logprobs[0]) == len(done.tokens[0])
+
+
+def test_stop_strings_given_as_an_iterator_are_used(llm):
+    tok = llm.tokenizer
+    row = tok.encode(" the king and the queen", False, False)
+    scripted(llm, [row])
+    texts = llm.text_completion(["x"], temperature=0, max_gen_len=len(row), stop=iter(["queen"])).texts
+    assert texts[0] == tok.decode(row).split("queen")[0]

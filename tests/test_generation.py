@@ -145,6 +145,21 @@ def test_text_completion_returns_tokens_texts_and_logprobs(llm):
         (dict(top_p=0.0), r"top_p=0.0 is outside \(0, 1\]"),
         (dict(top_p=1.5), r"top_p=1.5 is outside \(0, 1\]"),
         (dict(max_gen_len=0), "max_gen_len=0"),
+        (dict(max_gen_len=3.5), "max_gen_len=3.5: ask for a whole number"),
+        (dict(max_gen_len="5"), "max_gen_len='5'"),
+        (dict(temperature="0.6"), "temperature='0.6'"),
+        (dict(temperature=float("nan")), "temperature=nan"),
+        (dict(top_p="0.9"), "top_p='0.9'"),
+        (dict(top_p=float("nan")), "top_p=nan"),
+        (dict(top_k=True), "top_k=True"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty=nan"),
+        (dict(prompt_tokens=[[1, 96]]), r"prompt 0 holds id 96, outside the model's vocabulary 0..95"),
+        (dict(prompt_tokens=[[1, -3]]), "prompt 0 holds id -3"),
+        (dict(prompt_tokens=[1, 2, 3]), r"one flat list of ids: .*\[ids\] for one"),
+        (dict(prompt_tokens=[(1, 2)]), "prompt 0 is tuple"),
+        (dict(prompt_tokens=torch.tensor([[1, 2]])), "prompt_tokens is a Tensor"),
+        (dict(prompt_tokens=[torch.tensor([1, 2])]), r"prompt 0 is Tensor .*\.tolist\(\)"),
+        (dict(prompt_tokens=[[1, 2.0]]), "prompt 0 is list"),
     ],
 )
 def test_bad_generation_arguments_are_clear_errors(llm, kwargs, match):
@@ -224,3 +239,21 @@ def test_a_generation_in_another_thread_holds_the_cache(llm):
     worker.join(timeout=60)
     handle.remove()
     assert llm.text_completion(["war"], max_gen_len=2).texts  # free once the thread is done
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_clear_error(llm):
+    with pytest.raises(ValueError, match=r"holds '\\ud800' at index 1, half of a UTF-16 surrogate pair"):
+        llm.text_completion(["a\ud800b"])
+
+
+def test_answers_cut_by_max_seq_len_are_said_once(llm, caplog):
+    with caplog.at_level("WARNING", logger="llama"):
+        tokens, _ = llm.generate([[1] * 40], 20, temperature=0)
+        llm.generate([[1] * 40], 20, temperature=0)
+        llm.text_completion(["the king"])  # max_gen_len left to its default: no warning
+    assert len(tokens[0]) <= 8
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "a 40-token prompt leaves room for 8 of max_gen_len=20 new tokens in max_seq_len=48: answers are cut "
+        "there, as in Meta's code (build with max_seq_len=60 for all of them; said once)"
+    ]

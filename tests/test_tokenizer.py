@@ -160,3 +160,15 @@ def test_streamed_byte_pieces_never_show_a_broken_character(which, tiktoken_path
         assert shown + stream.flush() == text
     # some ids alone are part of a character: decoding each id on its own would show U+FFFD
     assert any("\ufffd" in tok.decode([i]) for text in HARD_TEXTS for i in tok.encode(text, False, False))
+
+
+def test_streaming_keeps_the_spaces_a_text_start_would_drop(sp_model_path):
+    """A model trained with SentencePiece's default remove_extra_whitespaces drops every leading
+    space of a text: a window decoded alone lost the spaces between words."""
+    tok = Tokenizer(sp_model_path)
+    space, a = tok.sp_model.piece_to_id("▁"), tok.sp_model.piece_to_id("▁a")
+    assert tok.decode([space, a]) == "a"
+    ids = [*tok.encode("king", bos=False, eos=False), space, a, space, space, a]
+    stream = StreamDecoder(tok)
+    shown = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert shown == tok.decode(ids) and "g  a   a" in shown
