@@ -16,7 +16,7 @@ from torch import nn
 from llama.checkpoint import write_checklist
 from llama.cpu import PackedLinear, weight_bytes
 from llama.model import Transformer
-from llama.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear, wants_kernel_layout
+from llama.quantized_linear import GROUP_SIZES, Int4Linear, Int8Linear, QuantizedLinear, wants_kernel_layout
 from llama.runtime import file_mappings, release_mapped
 
 SCHEMES = ("int8", "int4")
@@ -97,7 +97,16 @@ def read_scheme(ckpt_dir: Path) -> dict | None:
     path = ckpt_dir / QUANT_FILE
     if not path.is_file():
         return None
-    scheme = json.loads(path.read_text())
-    if scheme.get("scheme") not in SCHEMES:
-        raise ValueError(f"{path}: unknown scheme {scheme.get('scheme')!r}; this version reads {', '.join(SCHEMES)}")
+    try:
+        scheme = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}): save_quantized writes it; write the folder again") from None
+    if not isinstance(scheme, dict) or scheme.get("scheme") not in SCHEMES:
+        found = scheme.get("scheme") if isinstance(scheme, dict) else scheme
+        raise ValueError(f"{path}: scheme {found!r} is not one this version reads ({', '.join(SCHEMES)})")
+    group_size = scheme.get("group_size")
+    allowed = GROUP_SIZES if scheme["scheme"] == "int4" else (None,)
+    if group_size not in allowed or isinstance(group_size, (bool, float)):
+        want = f"one of {', '.join(map(str, GROUP_SIZES))}" if scheme["scheme"] == "int4" else "null"
+        raise ValueError(f"{path}: group_size {group_size!r} for {scheme['scheme']}: it is {want}")
     return scheme

@@ -221,11 +221,12 @@ def test_build_takes_a_gguf_file_alone(make_ckpt, tmp_path):
     assert q8.model.output.weight.dtype == torch.bfloat16
 
 
-def tiny_gguf(path: Path, architecture: str = "llama", vocabulary: str = "llama") -> Path:
+def tiny_gguf(path: Path, architecture: str = "llama", vocabulary: str | None = "llama") -> Path:
     """Just enough of a GGUF file for read_gguf to reach the check under test."""
     writer = gguf.GGUFWriter(path, architecture)
-    writer.add_tokenizer_model(vocabulary)
-    writer.add_token_list(["<unk>", "<s>", "</s>", "a"])
+    if vocabulary is not None:
+        writer.add_tokenizer_model(vocabulary)
+        writer.add_token_list(["<unk>", "<s>", "</s>", "a"])
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     return path
@@ -240,6 +241,8 @@ def test_foreign_unsupported_and_damaged_files_are_clear_errors(make_ckpt, tmp_p
         read_gguf(tiny_gguf(tmp_path / "gpt2-vocab.gguf", vocabulary="gpt2"))  # a byte-level BPE, but not Llama 3's
     with pytest.raises(ValueError, match="'bert' vocabulary: only SentencePiece .* and Llama 3's byte-level BPE"):
         read_gguf(tiny_gguf(tmp_path / "bert-vocab.gguf", vocabulary="bert"))
+    with pytest.raises(ValueError, match="no-vocab.gguf lacks tokenizer.ggml.tokens"):
+        read_gguf(tiny_gguf(tmp_path / "no-vocab.gguf", vocabulary=None))
 
     folder, _ = make_ckpt(MHA)
     tokenizer = Tokenizer(folder / "tokenizer.model")

@@ -280,3 +280,28 @@ def test_hf_tokenizer_json_that_is_not_llama_3s(tmp_path, sp_model_path):
     (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(metaspace))
     meta = hf_folder_to_meta(tmp_path / "hf", tmp_path / "meta")
     assert not (meta / "tokenizer.model").exists() and (meta / "consolidated.00.pth").is_file()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"hidden_size": "64"}, "hidden_size='64'"),
+        ({"num_attention_heads": 0}, "num_attention_heads=0"),
+        ({"num_key_value_heads": 2.5}, "num_key_value_heads=2.5"),
+        ({"rms_norm_eps": "1e-5"}, "norm_eps='1e-5'"),
+    ],
+)
+def test_config_values_of_the_wrong_kind_name_the_file_and_field(tmp_path, sp_model_path, change, match):
+    hf_checkpoint(tmp_path / "hf", sp_model_path, **HF_CASES["tied"])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(ValueError, match=f"config.json: .*{match}"):
+        hf_folder_to_meta(tmp_path / "hf", tmp_path / "meta")
+
+
+def test_a_truncated_safetensors_file_names_itself(tmp_path, sp_model_path):
+    hf_checkpoint(tmp_path / "hf", sp_model_path, **HF_CASES["tied"])
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot read .*model.safetensors .*truncated or damaged"):
+        hf_folder_to_meta(tmp_path / "hf", tmp_path / "meta")

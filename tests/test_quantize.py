@@ -128,3 +128,23 @@ def test_quantizing_a_mapped_shard_never_holds_the_float_model(tmp_path, sp_mode
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["weights"] < 0.55 * bf16_bytes
     assert got["peak"] < 0.7 * bf16_bytes, (got, bf16_bytes)  # the int8 weights and one float matrix
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{scheme: int8", "quantization.json is not JSON"),
+        ('{"scheme": "int3"}', "scheme 'int3' is not one this version reads"),
+        ('["int8"]', "scheme \\['int8'\\] is not one"),
+        ('{"scheme": "int4", "group_size": "64"}', "group_size '64' for int4: it is one of 32, 64, 128, 256"),
+        ('{"scheme": "int4", "group_size": 64.0}', "group_size 64.0 for int4"),
+        ('{"scheme": "int8", "group_size": 64}', "group_size 64 for int8: it is null"),
+    ],
+)
+def test_a_damaged_quantization_json_names_the_file_and_field(make_ckpt, tmp_path, text, match):
+    folder, _ = make_ckpt(GQA, 1)
+    llm = LLaMa.build(folder, max_seq_len=8, quantize="int8")
+    out = save_quantized(llm.model, tmp_path / "q8", folder / "tokenizer.model")
+    (out / "quantization.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        LLaMa.build(out, max_seq_len=8)

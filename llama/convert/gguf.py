@@ -303,6 +303,8 @@ def _read_vocab(meta: dict, path: Path) -> bytes:
     """A tokenizer.model's bytes for the file's vocabulary: a serialized SentencePiece ModelProto for
     a "llama" one, Llama 3's tiktoken file for a "gpt2" one (its byte-level BPE: ranks are the ids)."""
     model = meta.get("tokenizer.ggml.model")
+    if not isinstance(meta.get("tokenizer.ggml.tokens"), list):
+        raise ValueError(f"{path} lacks tokenizer.ggml.tokens: without its vocabulary it gives no tokenizer.model")
     if model == "gpt2":
         return _read_bpe_vocab(meta, path)
     if model != "llama":

@@ -107,6 +107,11 @@ def config_to_args(config: dict) -> ModelArgs:
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise ValueError(f"config.json lacks {missing}: a LlamaForCausalLM config has them")
+    for key in (*REQUIRED, "num_key_value_heads", "head_dim"):
+        value = config.get(key)
+        given = key in REQUIRED or value is not None
+        if given and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"config.json's {key}={value!r}: a LlamaForCausalLM config gives a positive integer")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise ValueError(f"{flag}=true: LLaMA's layout has no biases, so this model cannot be written as Meta's")
@@ -256,7 +261,10 @@ def hf_folder_to_meta(
     *.safetensors; dtype None keeps theirs."""
     src = Path(hf_dir)
     config = _read_json(src / "config.json")
-    config_to_args(config)  # refuse a config or a tokenizer we cannot convert before reading any weights
+    try:
+        config_to_args(config)  # refuse a config or a tokenizer we cannot convert before reading any weights
+    except ValueError as e:
+        raise ValueError(f"{src / 'config.json'}: {e}") from None
     tokenizer_model = _tokenizer_from_hf(src)
     index = src / "model.safetensors.index.json"
     files = sorted({src / f for f in _read_json(index)["weight_map"].values()}) if index.is_file() else []
@@ -267,7 +275,10 @@ def hf_folder_to_meta(
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is named in {index} but does not exist")
-        weights.update(load_file(path))
+        try:
+            weights.update(load_file(path))
+        except Exception as e:  # safetensors' own error type, whose module may change
+            raise ValueError(f"cannot read {path} ({e}): it is truncated or damaged; download it again") from None
     state_dict, args = hf_to_meta(weights, config)
     out = save_checkpoint(cast(state_dict, dtype), args, out_dir, n_shards)
     if tokenizer_model is not None:
