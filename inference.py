@@ -1,5 +1,6 @@
 """Batch prompt completion from the command line (fire CLI), like Meta's example_text_completion.py
-but on any device and any number of shards, with no torchrun.
+but on any device and any number of shards, with no torchrun. Commands: complete (the default),
+chat and infill; `python inference.py chat --help` lists a command's flags.
 
     python inference.py                                   # the built-in model, example prompts
     python inference.py --ckpt_dir llama-2-7b --prompt "I believe" --prompt "Simply put,"
@@ -8,6 +9,8 @@ but on any device and any number of shards, with no torchrun.
     python inference.py infill --ckpt_dir CodeLlama-7b --prefix "def fib(n):" --suffix "    return a"
 """
 
+import difflib
+import inspect
 import json
 import logging
 import sys
@@ -249,6 +252,8 @@ def fit_dialog(llm: LLaMa, dialog: list[dict], keep: int, max_gen_len: int) -> l
     """The dialog's prompt ids, dropping the oldest user/assistant turns (never the system
     message) until it leaves room to reply; None if the last message alone leaves none."""
     limit = llm.model.max_seq_len
+    if len(encode_dialog(llm.tokenizer, dialog[:keep] + dialog[-1:])) >= limit:
+        return None  # refused before any turn of the history is dropped
     tokens = encode_dialog(llm.tokenizer, dialog)
     while len(tokens) + min(max_gen_len, limit // 2) > limit and len(dialog) > keep + 1:
         del dialog[keep : keep + 2]
@@ -281,10 +286,27 @@ def take_raw_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return rest, raw
 
 
+def unknown_flag(command, args: list[str]) -> str | None:
+    """The first --flag the command does not take, said with the nearest one it does (fire would
+    run the command without it)."""
+    names = set(inspect.signature(command).parameters)
+    for arg in args:
+        name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") and arg != "--help" else None
+        if name and name not in names and name.removeprefix("no") not in names:  # fire's --noflag is False
+            close = difflib.get_close_matches(name, sorted(names), n=1)
+            return f"--{name}" + (f" (did you mean --{close[0]}?)" if close else "")
+    return None
+
+
 def main(argv: list[str]) -> None:
     commands = {"chat": chat, "infill": infill}
     command, argv = (commands[argv[0]], argv[1:]) if argv[:1] and argv[0] in commands else (complete, argv)
     rest, raw = take_raw_flags(argv)
+    if "--help" in rest or "-h" in rest:
+        print(f"{__doc__.strip()}\n\n{command.__name__}'s flags:\n", flush=True)
+    elif (flag := unknown_flag(command, rest)) is not None:
+        name = "" if command is complete else f" {command.__name__}"
+        sys.exit(f"error: no flag {flag} here: python inference.py{name} --help lists them")
     for name, values in raw.items():  # handed to fire as JSON literals, which it parses back
         rest.append(f"--{name}=" + json.dumps(values if name in LIST_FLAGS else values[-1]))
     try:

@@ -275,3 +275,40 @@ def test_a_llama3_folder_completes_and_chats(make_ckpt, tiktoken_path):
     reply = r.stdout.split("llama> ", 1)[1].split("\nyou> ", 1)[0]
     dialog = [{"role": "user", "content": "the king"}]
     assert reply == llm.chat_completion([dialog], temperature=0, max_gen_len=6)[0]["generation"]["content"]
+
+
+def test_a_misspelt_or_bad_flag_is_one_line_naming_it(folder):
+    r = run("--ckpt_dir", str(folder), "--promt", "the king")
+    assert r.returncode != 0 and r.stdout == ""  # nothing generated
+    assert (
+        r.stderr.strip()
+        == "error: no flag --promt (did you mean --prompt?) here: python inference.py --help lists them"
+    )
+    r = run("chat", "--ckpt_dir", str(folder), "--temprature", "0")
+    assert r.stderr.strip().startswith("error: no flag --temprature (did you mean --temperature?)")
+    r = run("--ckpt_dir", str(folder), "--temperature", "abc", "--max_gen_len", "2")
+    assert (
+        r.returncode != 0
+        and r.stderr.strip() == "error: temperature='abc': use 0 for greedy decoding or a positive number"
+    )
+
+
+def test_help_lists_the_commands(folder):
+    r = run("--help")
+    assert r.returncode == 0
+    assert "python inference.py chat" in r.stdout and "python inference.py infill" in r.stdout
+    assert "--max_gen_len" in r.stdout + r.stderr  # then fire's list of complete's flags (it writes to stderr)
+
+
+def test_a_message_too_long_to_fit_is_refused_and_the_history_kept(folder):
+    from llama import LLaMa
+
+    long = "the king " * 80  # alone more than max_seq_len=96
+    r = chat_session(folder, ["the king", long, "and the queen"], "--max_gen_len", "6", "--max_seq_len", "96")
+    assert r.returncode == 0, r.stderr
+    assert "(that message does not fit max_seq_len=96: shorten it)" in r.stdout and "dropped" not in r.stdout
+    replies = [line.split("llama> ", 1)[1] for line in r.stdout.splitlines() if "llama> " in line]
+    llm = LLaMa.build(folder, max_seq_len=96, max_batch_size=1)
+    first = [{"role": "user", "content": "the king"}]
+    second = first + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": "and the queen"}]
+    assert replies[1] == llm.chat_completion([second], temperature=0, max_gen_len=6)[0]["generation"]["content"]
