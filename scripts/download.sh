@@ -199,6 +199,13 @@ fetch() {
     else
         response=$(curl --fail --location --continue-at - --progress-bar -o "$out" \
             --write-out '%{http_code} %{content_type}' "$file_url") || rc=$?
+        if ((rc == 33)); then  # the server ignores Range: resuming would fail every time
+            echo "The server cannot resume $path: downloading it from the start."
+            rm -f "$out"
+            rc=0
+            response=$(curl --fail --location --progress-bar -o "$out" \
+                --write-out '%{http_code} %{content_type}' "$file_url") || rc=$?
+        fi
     fi
     read -r status ctype <<<"$response" || true
     [[ $status != 000 ]] || status=""  # curl's code when no response came

@@ -41,7 +41,8 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
 
 
 class Server:
-    """A threaded HTTP server on 127.0.0.1 serving `root`; `mode` is "files", "403" or "html"."""
+    """A threaded HTTP server on 127.0.0.1 serving `root`; `mode` is "files", "no ranges" (whole files
+    whatever the Range), "403" or "html"."""
 
     def __init__(self, root: Path):
         self.root, self.mode, self.requests = root, "files", []
@@ -58,7 +59,8 @@ class Server:
                 if not file.is_file():
                     return self.reply(404, b"not found", "text/plain")
                 data = file.read_bytes()
-                start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers["Range"] else 0
+                ranged = self.headers["Range"] and server.mode != "no ranges"
+                start = int(self.headers["Range"].split("=")[1].split("-")[0]) if ranged else 0
                 if start >= len(data) > 0:
                     return self.reply(416, b"", "application/xml", {"Content-Range": f"bytes */{len(data)}"})
                 if start:
@@ -136,6 +138,16 @@ def test_partial_download_resumes(tmp_path, downloader, server):
     assert result.returncode == 0, result.stderr
     assert (target / SHARD).read_bytes() == FILES[SHARD]
     assert (f"/{SHARD}?Policy=p&Signature=x&Key-Pair-Id=k", f"bytes={half}-") in server.requests
+
+
+def test_a_server_that_ignores_range_restarts_the_file(tmp_path, downloader, server):
+    """Resuming fails the same way every time there: the partial file is started over instead."""
+    server.mode = "no ranges"
+    (tmp_path / "weights" / "llama-2-7b").mkdir(parents=True)
+    (tmp_path / "weights" / SHARD).write_bytes(FILES[SHARD][:1000])
+    target, result = download(tmp_path, downloader, server)
+    assert result.returncode == 0, result.stderr
+    assert (target / SHARD).read_bytes() == FILES[SHARD]
 
 
 def test_corrupt_file_fails_naming_it(tmp_path, downloader, server):
