@@ -2,6 +2,7 @@
 on the same file, and a tokenizer.model rebuilt from GGUF metadata that encodes like the original."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -340,3 +341,23 @@ def test_llama3_gguf_tokenizes_and_computes_as_llama_cpp(make_ckpt, tiktoken_pat
     model.load_state_dict(original)
     with torch.no_grad():
         torch.testing.assert_close(model(ids[None])[0], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "module, command",
+    [
+        ("gguf", "llama.convert.gguf from_meta"),
+        ("safetensors", "llama.convert.hf to_hf"),
+        ("tokenizers", "llama.convert.hf to_hf"),
+    ],
+)
+def test_a_missing_optional_package_names_the_extra(make_ckpt, tiktoken_path, tmp_path, module, command):
+    """As on the plain install: the converter's package is absent (a stand-in raises ImportError)."""
+    (tmp_path / "absent" / module).mkdir(parents=True)
+    (tmp_path / "absent" / module / "__init__.py").write_text("raise ImportError('not installed')\n")
+    folder, _ = make_ckpt(LLAMA3, 1, tokenizer=tiktoken_path)  # Llama 3's tokenizer needs tokenizers for HF
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "absent"), str(REPO)]))
+    run = [sys.executable, "-m", *command.split(), str(folder), str(tmp_path / "out")]
+    r = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "pip install 'llama-reference[convert]'" in r.stderr

@@ -75,7 +75,8 @@ def _sentencepiece_proto():
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:
         raise ImportError(
-            "a SentencePiece vocabulary is read and written with protobuf: pip install protobuf"
+            "a SentencePiece vocabulary is read and written with protobuf: pip install protobuf "
+            "(or pip install 'llama-reference[convert]')"
         ) from None
     return sentencepiece_model_pb2
 
