@@ -22,8 +22,10 @@ from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "params"
-BUILTIN_MODEL = Path(__file__).resolve().parent / "models" / "shakespeare"
+_HERE = Path(__file__).resolve().parent
+# params/ at the repository's top (a checkout, an editable install); llama/presets in an installed one
+PRESETS_DIR = _HERE / "presets" if (_HERE / "presets").is_dir() else _HERE.parent / "params"
+BUILTIN_MODEL = _HERE / "models" / "shakespeare"
 
 Loaded = tuple[Transformer, Tokenizer | None]
 
@@ -165,7 +167,8 @@ def preset_args(name: str) -> ModelArgs:
     path = PRESETS_DIR / f"{name}.json"
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
-        raise FileNotFoundError(f"{name!r} is neither a checkpoint folder nor a preset; presets: {', '.join(known)}")
+        where = f"presets: {', '.join(known)}" if known else f"no presets in {PRESETS_DIR}: the install is incomplete"
+        raise FileNotFoundError(f"{name!r} is neither a checkpoint folder nor a preset; {where}")
     return read_params_file(path)
 
 

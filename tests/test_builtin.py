@@ -3,11 +3,13 @@ to the model, and text that looks like a play."""
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import meta_split
 
@@ -73,3 +75,38 @@ def test_inference_py_with_no_arguments_runs_the_built_in_model():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("==================================") == 4 and "ROMEO:\n\n> " in r.stdout
+
+
+def test_a_plain_install_carries_the_presets_and_the_builtin_model(tmp_path):
+    """`pip install .` (not editable) puts params/ inside the package, as llama/presets."""
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[1]
+    wheel = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(repo),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert wheel.returncode == 0, wheel.stderr
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site")]
+    assert (
+        subprocess.run([*install, *map(str, tmp_path.glob("*.whl"))], capture_output=True, timeout=300).returncode == 0
+    )
+    code = (
+        "import llama.loading as l; assert 'site' in str(l.PRESETS_DIR), l.PRESETS_DIR; "
+        "print(l.preset_args('llama-3.2-1b').dim, l.BUILTIN_MODEL.is_dir())"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["2048", "True"], r.stderr
