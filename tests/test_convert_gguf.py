@@ -244,6 +244,10 @@ def test_foreign_unsupported_and_damaged_files_are_clear_errors(make_ckpt, tmp_p
         read_gguf(tiny_gguf(tmp_path / "bert-vocab.gguf", vocabulary="bert"))
     with pytest.raises(ValueError, match="no-vocab.gguf lacks tokenizer.ggml.tokens"):
         read_gguf(tiny_gguf(tmp_path / "no-vocab.gguf", vocabulary=None))
+    whole = tiny_gguf(tmp_path / "whole.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[: len(whole) - 100])
+    with pytest.raises(ValueError, match="cannot read .*cut.gguf as GGUF .*truncated"):
+        read_gguf(tmp_path / "cut.gguf")
 
     folder, _ = make_ckpt(MHA)
     tokenizer = Tokenizer(folder / "tokenizer.model")
