@@ -51,6 +51,14 @@ class ModelArgs:
             raise ValueError(f"dim={self.dim} with n_heads={self.n_heads}: each head needs an even size, dim / n_heads")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        try:
+            hidden = self.ffn_hidden_dim
+        except OverflowError:  # an infinite product
+            hidden = 0
+        if hidden < 1:
+            raise ValueError(
+                f"ffn_dim_multiplier={self.ffn_dim_multiplier!r} leaves no feed-forward width: use about 1"
+            )
 
     @classmethod
     def from_params(cls, params: dict) -> "ModelArgs":

@@ -188,6 +188,8 @@ BAD_PARAMS = [
     ({"n_heads": 5}, "dim=64 with n_heads=5: each head needs an even size"),
     ({"dim": 60, "n_heads": 4}, "dim=60 with n_heads=4: each head needs an even size"),
     ({"n_kv_heads": 3}, "n_kv_heads=3 does not divide n_heads=4"),
+    ({"ffn_dim_multiplier": 1e-300}, "ffn_dim_multiplier=1e-300 leaves no feed-forward width"),  # found by hypothesis
+    ({"ffn_dim_multiplier": 1e308}, "ffn_dim_multiplier=1e\\+308 leaves no feed-forward width"),  # an OverflowError
 ]
 
 
