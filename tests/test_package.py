@@ -44,3 +44,16 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_the_model_file_imports_nothing_of_the_project():
     """model.py is Meta's network alone: quantization, kernels and loading act on it from outside."""
     assert imports()["llama.model"] == set()
+
+
+def test_importing_the_package_is_quiet_and_does_nothing(tmp_path):
+    """No warning (torch warns without numpy, a runtime dependency) and no output, files or threads."""
+    import subprocess
+    import sys
+
+    code = "import threading, llama, llama.loading, llama.convert.gguf; assert threading.active_count() == 1"
+    r = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout == r.stderr == "", r.stderr
+    assert list(tmp_path.iterdir()) == []
