@@ -13,8 +13,9 @@ import difflib
 import inspect
 import json
 import logging
+import os
 import sys
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import fire
@@ -99,16 +100,16 @@ def complete(
     stream = sys.stdout.isatty() if stream is None else stream
     batches = [prompts[i : i + max_batch_size] for i in range(0, len(prompts), max_batch_size)]
     show = len(batches) > 1 and not stream
-    with open(out, "w", encoding="utf-8") if out else nullcontext() as sink:
-        for batch in tqdm(batches, desc="batches", unit="batch", disable=None if show else True):
-            if stream and not sink:
+    with open(out, "w", encoding="utf-8") if out and RANK == 0 else nullcontext() as sink:
+        for batch in tqdm(batches, desc="batches", unit="batch", disable=None if show and RANK == 0 else True):
+            if stream and not out:
                 print_streamed(batch, llm.stream(batch, **options))
                 continue
             tokens, texts = llm.text_completion(batch, **options)
             for p, t, text in zip(batch, tokens, texts):
                 if sink:
                     sink.write(json.dumps({"prompt": p, "completion": text, "tokens": t}) + "\n")
-                else:
+                elif not out:  # (under torchrun, ranks after 0 have no sink, and print nowhere)
                     tqdm.write(f"{p}\n> {text}{SEPARATOR}")
 
 
@@ -167,13 +168,11 @@ def chat(
     print("Chat: /reset clears the history, /exit quits, Ctrl-C stops a reply.", flush=True)
     while True:
         try:
-            line = input("you> ")
-        except EOFError:
-            break
+            line = read_line("you> ")
         except KeyboardInterrupt:
             print("\n(/exit quits)")
             continue
-        if line.strip() == "/exit":
+        if line is None or line.strip() == "/exit":
             break
         if line.strip() == "/reset":
             dialog = list(start)
@@ -286,6 +285,40 @@ def take_raw_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return rest, raw
 
 
+RANK = 0  # this process's, under torchrun (init_distributed)
+
+
+def init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1): join its process group, NCCL on GPUs and gloo on CPUs, so
+    that LLaMa.build splits the model over the processes; only rank 0 prints and writes."""
+    global RANK
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    RANK = dist.get_rank()
+    if RANK > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+
+
+def read_line(prompt: str) -> str | None:
+    """A line of input, None at its end; under torchrun rank 0 reads it and every rank gets it."""
+    line = None
+    if RANK == 0:
+        with suppress(EOFError):
+            line = input(prompt)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
 def unknown_flag(command, args: list[str]) -> str | None:
     """The first --flag the command does not take, said with the nearest one it does (fire would
     run the command without it)."""
@@ -309,10 +342,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: no flag {flag} here: python inference.py{name} --help lists them")
     for name, values in raw.items():  # handed to fire as JSON literals, which it parses back
         rest.append(f"--{name}=" + json.dumps(values if name in LIST_FLAGS else values[-1]))
+    init_distributed()
     try:
         fire.Fire(command, command=rest)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message (once), not a traceback
+        sys.exit(f"error: {e}" if RANK == 0 else 1)
 
 
 if __name__ == "__main__":

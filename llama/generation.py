@@ -12,11 +12,12 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
-from llama.cpu import onednn_bf16, use_cpu_modules, weight_bytes
+from llama.cpu import onednn_bf16, use_cpu_modules
 from llama.decoding import Completions, Outputs, Step, StreamEvent, decode_steps
 from llama.infilling import check_infilling, infilling_prompt
 from llama.loading import BUILTIN_MODEL, load
 from llama.model import Transformer
+from llama.parallel import load_parallel, local_bytes, local_device, world
 from llama.quantize import check_scheme
 from llama.runtime import resolve_device, resolve_dtype
 from llama.sampling import Sampler
@@ -61,32 +62,35 @@ class LLaMa:
         path loads too, dequantized into dtype. On the CPU in bf16, decode steps run in kernels
         compiled here once per machine where the CPU has AVX-512 BF16 (see llama.cpu); pack=True
         keeps the weights in oneDNN's layout instead, faster for batches and prompts, slower at
-        batch 1.
+        batch 1. Inside a torch.distributed process group of several processes (torchrun), each
+        process builds its part of the model, split over them all (see llama.parallel).
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")
         check_scheme(quantize)
-        device = resolve_device(device)
+        _, n = world()
+        device = resolve_device(device if device is not None or n == 1 else local_device())
         dtype = resolve_dtype(dtype, device)
-        if pack and not (device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16()):
-            raise ValueError(f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels, not {dtype} on {device}")
+        if pack and not (device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16() and n == 1):
+            raise ValueError(
+                f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels in one process, not {dtype} on {device}"
+            )
         source = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
-        model, tokenizer = load(
-            source,
-            tokenizer_path,
-            load_model=load_model,
-            device=device,
-            dtype=dtype,
-            quantize=quantize,
-            seed=seed,
-            max_batch_size=max_batch_size,
-            max_seq_len=max_seq_len,
-        )
-        if device.type == "cpu":  # pack=True anywhere but bf16 on the CPU was refused above
+        run = dict(device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        if n > 1:
+            if not load_model or quantize is not None:
+                raise ValueError(
+                    f"{n} processes split a Meta folder's weights as they load them: random weights "
+                    "(load_model=False) and quantize= run in one process"
+                )
+            model, tokenizer = load_parallel(source, tokenizer_path, **run)
+        else:
+            model, tokenizer = load(source, tokenizer_path, load_model=load_model, quantize=quantize, seed=seed, **run)
+        if device.type == "cpu" and n == 1:  # pack=True anywhere but bf16 on the CPU was refused above
             use_cpu_modules(model, pack)
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
-        logger.info("built %s on %s in %s: %.1f MB of weights", source, device, dtype, weight_bytes(model) / 1e6)
+        logger.info("built %s on %s in %s: %.1f MB of weights", source, device, dtype, local_bytes(model) / 1e6)
         return LLaMa(model, tokenizer, seed)
 
     def generate(

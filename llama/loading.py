@@ -6,7 +6,6 @@ weights that would not fit in free memory beside the run's KV cache. LLaMa.build
 """
 
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, load_shard, read_params, read_params_file
 from llama.convert.gguf import read_gguf
 from llama.cpu import weight_bytes
-from llama.model import ModelArgs, Transformer, cache_shape
+from llama.model import ModelArgs, Transformer
 from llama.quantize import check_scheme, make_quantized, quantized_bytes, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
 from llama.tokenizer import Tokenizer
@@ -69,7 +68,7 @@ def load_meta_folder(
     device, dtype = _placement(device, dtype, quantize)
     checkpoint = MetaCheckpoint(folder)
     args = checkpoint.args
-    tokenizer = _tokenizer(args, checkpoint.dir, tokenizer_path)
+    tokenizer = tokenizer_for(args, checkpoint.dir, tokenizer_path)
     if checkpoint.vocab_size != args.vocab_size:
         raise ValueError(
             f"the embedding in {checkpoint.dir} has {checkpoint.vocab_size} rows but the tokenizer {tokenizer.path} "
@@ -104,7 +103,7 @@ def load_quantized_folder(
     if quantize is not None:
         raise ValueError(f"{folder} is already quantized ({scheme['scheme']}): leave out quantize=")
     args = read_params(folder)
-    tokenizer = _tokenizer(args, folder, tokenizer_path)
+    tokenizer = tokenizer_for(args, folder, tokenizer_path)
     model = make_quantized(
         _empty(args, dtype, device, max_batch_size, max_seq_len),
         scheme["scheme"],
@@ -134,7 +133,7 @@ def load_gguf(
     (or tokenizer_path's)."""
     device, dtype = _placement(device, dtype, quantize)
     state_dict, args, proto = read_gguf(path, dtype)
-    tokenizer = _tokenizer(args, Path(path), tokenizer_path, proto)
+    tokenizer = tokenizer_for(args, Path(path), tokenizer_path, proto)
     model = _allocate(_empty(args, dtype, device, max_batch_size, max_seq_len), device, max_batch_size, max_seq_len)
     model.load_state_dict(state_dict, strict=True)
     return _quantized(model, quantize), tokenizer
@@ -156,7 +155,7 @@ def random_weights(
     device, dtype = _placement(device, dtype, quantize)
     path = Path(params)
     args = read_params(path) if path.is_dir() else preset_args(str(path))
-    tokenizer = _tokenizer(args, path, tokenizer_path, required=False)
+    tokenizer = tokenizer_for(args, path, tokenizer_path, required=False)
     model = _allocate(_empty(args, dtype, device, max_batch_size, max_seq_len), device, max_batch_size, max_seq_len)
     model.init_weights(torch.Generator(device=device).manual_seed(seed))
     return _quantized(model, quantize), tokenizer
@@ -172,7 +171,7 @@ def preset_args(name: str) -> ModelArgs:
     return read_params_file(path)
 
 
-def _tokenizer(
+def tokenizer_for(
     args: ModelArgs,
     path: Path,
     tokenizer_path: str | os.PathLike | None,
@@ -232,9 +231,17 @@ def _allocate(
 
 
 def _check_fits(args, nbytes: int, dtype: torch.dtype, device: torch.device, max_batch_size: int, max_seq_len: int):
-    """Weights of nbytes and the KV cache (cache_k, cache_v per layer), against free memory."""
-    cache_bytes = 2 * args.n_layers * math.prod(cache_shape(args, max_batch_size, max_seq_len)) * dtype.itemsize
+    cache_bytes = kv_cache_bytes(args, dtype, max_batch_size, max_seq_len)
     check_fits(nbytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
+
+
+def kv_cache_bytes(
+    args: ModelArgs, dtype: torch.dtype, max_batch_size: int, max_seq_len: int, kv_heads: int | None = None
+):
+    """What Transformer.setup_cache allocates: cache_k and cache_v [max_batch_size, kv heads, max_seq_len,
+    head dim] per layer (kv_heads: a tensor-parallel rank's own, else all)."""
+    kv_heads = args.kv_heads if kv_heads is None else kv_heads
+    return 2 * args.n_layers * max_batch_size * kv_heads * max_seq_len * args.head_dim * dtype.itemsize
 
 
 def _quantized(model: Transformer, quantize: str | None) -> Transformer:

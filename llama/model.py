@@ -284,11 +284,6 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def cache_shape(args: ModelArgs, max_batch_size: int, max_seq_len: int) -> tuple[int, int, int, int]:
-    """The shape of each layer's cache_k and cache_v: [max_batch_size, Hkv, max_seq_len, D]."""
-    return (max_batch_size, args.kv_heads, max_seq_len, args.head_dim)
-
-
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
@@ -311,10 +306,11 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache once, in the model's dtype on its device, and the rotations."""
         weight = self.tok_embeddings.weight  # never quantized: the dtype activations have
-        shape = cache_shape(self.params, max_batch_size, max_seq_len)
         for layer in self.layers:
-            layer.attention.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-            layer.attention.cache_v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            attention = layer.attention  # its own kv heads: a tensor-parallel rank holds some
+            shape = (max_batch_size, attention.n_kv_heads, max_seq_len, attention.head_dim)
+            attention.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            attention.cache_v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.freqs_cis = self._freqs(max_seq_len).to(weight.device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 

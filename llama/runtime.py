@@ -79,10 +79,13 @@ def check_fits(weight_bytes: int, cache_bytes: int, device: torch.device, cache_
     free = available_memory(device)
     if free is None or weight_bytes + cache_bytes <= free:
         return
+    devices = -(-(weight_bytes + cache_bytes) // max(free, 1))  # each holding 1/n of both
     raise ValueError(
         f"not enough memory on {device}: the weights need {weight_bytes / GiB:.2f} GiB and the KV cache "
         f"({cache_args}) {cache_bytes / GiB:.2f} GiB, but {free / GiB:.2f} GiB is free. Lower max_seq_len "
-        "or max_batch_size (the cache grows with both), or choose a smaller dtype or device with more memory"
+        "or max_batch_size (the cache grows with both), choose a smaller dtype or a device with more memory, "
+        f"or split the model over {devices} or more such devices (torchrun --nproc_per_node N: README, "
+        "More than one device)"
     )
 
 

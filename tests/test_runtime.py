@@ -5,7 +5,7 @@ import torch
 from conftest import GQA
 
 from llama import LLaMa
-from llama.runtime import check_fits, resolve_device, resolve_dtype
+from llama.runtime import GiB, check_fits, resolve_device, resolve_dtype
 
 
 def test_defaults_pick_cuda_fp16_else_cpu_bf16():
@@ -51,10 +51,13 @@ def test_a_cache_that_cannot_fit_is_refused_with_the_arithmetic(make_ckpt):
         LLaMa.build(folder, max_seq_len=0)
 
 
-def test_check_fits_passes_what_fits():
+def test_check_fits_passes_what_fits_and_says_how_many_devices_would_hold_the_rest(monkeypatch):
     check_fits(1 << 20, 1 << 20, torch.device("cpu"), "small")
     with pytest.raises(ValueError, match="weights need 4096.00 GiB"):
         check_fits(1 << 42, 0, torch.device("cpu"), "none")
+    monkeypatch.setattr("llama.runtime.available_memory", lambda device: 10 * GiB)
+    with pytest.raises(ValueError, match="split the model over 3 or more such devices .torchrun --nproc_per_node N"):
+        check_fits(25 * GiB, 2 * GiB, torch.device("cpu"), "some")
 
 
 def test_kv_cache_is_allocated_once_in_model_dtype(make_ckpt):
