@@ -42,6 +42,7 @@ COMMANDS = {
     "kernels.json": "python bench/kernels.py",
     "load_memory.json": "python bench/load_memory.py",
     "quantize.json": "python bench/quantize.py",
+    "parallel.json": "python bench/parallel.py --shapes 110m --worlds 1,2",
 }
 # The comparisons shown: each of ours against the peer of the same kind, in this order.
 COUNTERPARTS = (
@@ -395,8 +396,67 @@ def quantize_paragraphs(result: dict) -> list[str]:
 # --- the report -------------------------------------------------------------------------------------------------
 
 
-def tables(result: dict) -> str:
-    """The tables of one result file, whichever script wrote it."""
+def parallel_table(result: dict) -> str:
+    rows = [(shape, row) for shape, worlds in result["shapes"].items() for row in worlds.values()]
+    return md_table(
+        [
+            "shape",
+            "processes",
+            "device",
+            "threads each",
+            "weight MB each",
+            "load s",
+            "decode b1",
+            "ms per step",
+            "of which collectives alone",
+            "prefill 512",
+        ],
+        (
+            [
+                shape,
+                row["world"],
+                row["device"],
+                row["threads_per_rank"],
+                mb(row["weight_bytes_per_rank"]),
+                f"{row['load_s']:.2f}",
+                f"{row['decode_b1']:.1f}",
+                f"{row['decode_step_ms']:.1f}",
+                f"{row['comm_ms_per_step']:.1f}",
+                f"{row['prefill']:.1f}",
+            ]
+            for shape, row in rows
+        ),
+    )
+
+
+def parallel_paragraphs(result: dict) -> list[str]:
+    method = (
+        "Tensor parallel (`torchrun --nproc_per_node N`) on one random Meta folder: each process's weight "
+        "bytes, its load time, batch-1 decode (tokens/s, 64 new tokens after a 32-token prompt) and a 512-token "
+        "prompt (tokens/s), in the default dtype of the device. `of which collectives alone` times one decode "
+        "step's all-reduces (two per layer) and the logits' all-gather by themselves. The processes share the "
+        "CPU's cores (threads each), and a split model runs PyTorch's operators on DTensors where one process "
+        "runs the compiled bf16 kernels, so more processes are slower here: what this measures on a CPU is "
+        "the split's memory and the cost of its communication."
+    )
+    findings = []
+    for shape, worlds in result["shapes"].items():
+        one, most = worlds[min(worlds, key=int)], worlds[max(worlds, key=int)]
+        if most is not one:
+            share = most["weight_bytes_per_rank"] / one["weight_bytes_per_rank"]
+            speed = most["decode_b1"] / one["decode_b1"]
+            findings.append(
+                f"{shape}: {most['world']} processes hold {share:.2f} of one process's weight bytes each and decode "
+                f"at {speed:.2f}x its speed, the collectives alone taking "
+                f"{most['comm_ms_per_step'] / most['decode_step_ms']:.0%} of a step."
+            )
+    return [method, *findings]
+
+
+def tables(name: str, result: dict) -> str:
+    """The tables of one result file, by the script that wrote it."""
+    if name.startswith("parallel"):
+        return parallel_table(result)
     if "shapes" in result:
         return kernels_table(result) if "kernels" in next(iter(result["shapes"].values())) else speed_tables(result)
     return load_table(result) if "shards" in result["rows"][0] else quantize_table(result)
@@ -411,6 +471,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "kernels.json": ("The linear layers alone", kernels_paragraphs),
     "load_memory.json": ("Load time and memory", load_paragraphs),
     "quantize.json": ("Quantization: quality and size", quantize_paragraphs),
+    "parallel.json": ("More than one process: tensor parallel", parallel_paragraphs),
 }
 
 
@@ -525,7 +586,7 @@ def section(name: str, result: dict) -> str:
             f"`bench/results/{name}`, written by:",
             f"```bash\n{COMMANDS[name]}\n```",
             paragraph(method),
-            tables(result),
+            tables(name, result),
             *map(paragraph, findings),
         ]
     )
@@ -551,7 +612,7 @@ def main() -> None:
     opts = ap.parse_args()
     if opts.files:
         for path in opts.files:
-            print(f"<!-- {path} -->\n{tables(json.loads(path.read_text()))}\n")
+            print(f"<!-- {path} -->\n{tables(path.name, json.loads(path.read_text()))}\n")
         return
     results = load_results()
     if opts.summary:
