@@ -142,3 +142,28 @@ def test_the_cli_under_torchrun_prints_and_writes_once(make_ckpt, tmp_path):
     assert written.returncode == 0, written.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["prompt"] for line in lines] == ["the king", "war"]
+
+
+def test_the_chat_under_torchrun_reads_once_and_answers_as_one_process(make_ckpt):
+    folder, _ = make_ckpt(GQA, 2)
+    args = ["chat", "--ckpt_dir", str(folder), "--max_gen_len", "6", "--temperature", "0", "--max_seq_len", "64"]
+    args += ["--dtype", "float32"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    talk = "the king\nand the queen\n/exit\n"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run(
+        [*torchrun, str(REPO / "inference.py"), *args], input=talk, capture_output=True, text=True, env=env, timeout=300
+    )
+    one = subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), *args], input=talk, capture_output=True, text=True, timeout=300
+    )
+    assert two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and two.stdout.count("llama> ") == 2
