@@ -1,0 +1,144 @@
+"""The invariants on every device present, in the dtypes users get there: the CPU in float32 and
+bfloat16 (its default), CUDA in float16 (its default) and bfloat16, MPS in float16. A device this
+machine lacks is collected and skipped with the reason. The reference is always float32 on the CPU,
+which the other tests hold to Meta's and Hugging Face's numbers within 1e-4.
+
+Tolerances outside float32, relative to the largest |logit| (~5 for these models): a float16 value
+carries 11 significant bits (a rounding moves it by up to 2^-12 of itself), bfloat16 8 (2^-9). A
+logit of these 2-layer models follows about ten roundings in a row (embedding, norms, q k v,
+attention, wo, the FFN's three products, residual adds, output), so 10 x 2^-12 ~ 2.5e-3 for
+float16 and 10 x 2^-9 ~ 2e-2 for bfloat16, the bounds below (measured on the CPU: 1.2e-3 and 1.0e-2
+at most). Greedy ids are compared only where the reference's top two logits are further apart
+than twice those bounds (each logit may move by one bound), on the built-in model, which was
+trained and so has such steps.
+"""
+
+import pytest
+import torch
+from conftest import GQA, MHA
+
+from llama import LLaMa
+from llama.loading import BUILTIN_MODEL
+from llama.runtime import available_memory
+
+PLACES = [
+    ("cpu", torch.float32),
+    ("cpu", torch.bfloat16),
+    ("cuda", torch.float16),
+    ("cuda", torch.bfloat16),
+    ("mps", torch.float16),
+]
+RELATIVE = {torch.float32: 2e-5, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
+
+
+def missing(device: str) -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device here (bench/device_check.py runs these on a GPU machine)"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "no Apple MPS device here"
+    return None
+
+
+@pytest.fixture(params=PLACES, ids=[f"{d}-{str(t).removeprefix('torch.')}" for d, t in PLACES])
+def place(request) -> tuple[str, torch.dtype]:
+    device, dtype = request.param
+    if (reason := missing(device)) is not None:
+        pytest.skip(reason)
+    return device, dtype
+
+
+@pytest.fixture
+def folder(make_ckpt):
+    return make_ckpt(GQA, 2)[0]
+
+
+def build(folder, device, dtype, **kw) -> LLaMa:
+    return LLaMa.build(folder, max_seq_len=48, max_batch_size=3, device=device, dtype=dtype, **kw)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    bound = RELATIVE[dtype] * want.abs().max().item()
+    assert (got.float().cpu() - want).abs().max().item() <= bound
+
+
+X = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 40], [1, 40, 41, 2, 8, 9, 60, 61]])
+
+
+def test_logits_equal_the_float32_cpu_reference(folder, place):
+    device, dtype = place
+    reference = build(folder, "cpu", torch.float32).model(X, 0)
+    llm = build(folder, device, dtype)
+    assert llm.model.tok_embeddings.weight.device.type == device and llm.model.tok_embeddings.weight.dtype == dtype
+    logits = llm.model(X.to(device), 0)
+    assert logits.dtype == torch.float32 and logits.device.type == device
+    close(logits, reference, dtype)
+
+
+def test_cached_decode_and_chunked_prefill_equal_a_full_forward(folder, place):
+    device, dtype = place
+    model = build(folder, device, dtype).model
+    x = X.to(device)
+    full = model(x, 0)
+    steps = torch.cat([model(x[:, i : i + 1], i) for i in range(x.shape[1])], dim=1)
+    chunks = torch.cat([model(x[:, :3], 0), model(x[:, 3:], 3)], dim=1)
+    close(steps, full.cpu(), dtype)
+    close(chunks, full.cpu(), dtype)
+
+
+def clear_cut(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per position, whether the top two logits are further apart than twice the dtype's bound
+    (each may move by one bound, so rounding cannot swap them)."""
+    top2 = logits.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]) > 2 * RELATIVE[dtype] * logits.abs().max()
+
+
+def test_greedy_ids_and_streamed_text_where_the_reference_is_clear_cut(place):
+    """Teacher-forced on the float32 CPU greedy ids, the device picks the same token wherever that
+    choice is clear-cut; its own greedy run may leave the reference's ids only at a step that is
+    not; and the streamed text is the completion's text."""
+    device, dtype = place
+    reference = build(BUILTIN_MODEL, "cpu", torch.float32)
+    llm = build(BUILTIN_MODEL, device, dtype)
+    prompt = llm.tokenizer.encode("ROMEO:\n", bos=True, eos=False)
+    ids = reference.generate([prompt], 16, temperature=0)[0][0]
+    tokens = torch.tensor([prompt + ids])
+    want = reference.model(tokens, 0)[0, len(prompt) - 1 : -1]
+    got = llm.model(tokens.to(device), 0)[0, len(prompt) - 1 : -1].float().cpu()
+    sure = clear_cut(want, dtype)
+    assert int(sure.sum()) >= 4  # what the comparison below covers
+    assert got.argmax(-1)[sure].tolist() == want.argmax(-1)[sure].tolist()
+
+    own = llm.generate([prompt], 16, temperature=0)[0][0]
+    differs = [i for i, (a, b) in enumerate(zip(own, ids)) if a != b]
+    assert not differs or not sure[differs[0]], f"greedy ids left the reference at clear-cut step {differs[0]}"
+    text = llm.text_completion(["ROMEO:\n"], temperature=0, max_gen_len=16).texts[0]
+    assert "".join(e.text for e in llm.stream(["ROMEO:\n"], temperature=0, max_gen_len=16)) == text
+
+
+def test_a_batch_computes_what_each_prompt_does_alone(folder, place):
+    device, dtype = place
+    llm = build(folder, device, dtype)
+    x = X.to(device)
+    batch = llm.model(x, 0)
+    alone = torch.cat([llm.model(x[i : i + 1], 0) for i in range(2)])
+    close(batch, alone.cpu(), dtype)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_layers_run_where_the_model_does(make_ckpt, place, scheme):
+    """On the CPU in bf16 the compiled kernels, elsewhere torch's kernels or a dequantizing matmul:
+    all within the quantization's error of the same layers in float32 on the CPU."""
+    device, dtype = place
+    folder, _ = make_ckpt(MHA, 1)  # its FFN width, 192, is whole groups of int4's 64
+    reference = build(folder, "cpu", torch.float32, quantize=scheme).model(X, 0)
+    logits = build(folder, device, dtype, quantize=scheme).model(X.to(device), 0)
+    bound = max(RELATIVE[dtype], 2e-2) * 4  # int8 activations on the CPU kernels: a few more roundings
+    assert (logits.float().cpu() - reference).abs().max().item() <= bound * reference.abs().max().item()
+
+
+def test_the_memory_check_reads_the_devices_free_memory(folder, place):
+    device, dtype = place
+    free = available_memory(torch.device(device))
+    assert free is None or free > 0
+    with pytest.raises(ValueError, match=f"not enough memory on {device}"):
+        LLaMa.build(folder, max_seq_len=10**9, max_batch_size=64, device=device, dtype=dtype)
