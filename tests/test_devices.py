@@ -1,7 +1,11 @@
 """The invariants on every device present, in the dtypes users get there: the CPU in float32 and
 bfloat16 (its default), CUDA in float16 (its default) and bfloat16, MPS in float16. A device this
 machine lacks is collected and skipped with the reason. The reference is always float32 on the CPU,
-which the other tests hold to Meta's and Hugging Face's numbers within 1e-4.
+which the other tests hold to Meta's and Hugging Face's numbers within 1e-4. What depends on the
+device is here: logits (against transformers too), merged shards, the cache, batching, Meta's
+loop and its random draws, greedy ids, streaming, quantized layers, the memory check and the CLI.
+Chat layouts, tokenizers and checkpoint parsing run before any tensor reaches a device and are
+tested once, on the CPU.
 
 Tolerances outside float32, relative to the largest |logit| (~5 for these models): a float16 value
 carries 11 significant bits (a rounding moves it by up to 2^-12 of itself), bfloat16 8 (2^-9). A
@@ -13,9 +17,15 @@ than twice those bounds (each logit may move by one bound), on the built-in mode
 trained and so has such steps.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import GQA, MHA
+from test_generation import PROMPTS, meta_reference_generate
+from test_model import hf_model
 
 from llama import LLaMa
 from llama.loading import BUILTIN_MODEL
@@ -74,6 +84,20 @@ def test_logits_equal_the_float32_cpu_reference(folder, place):
     close(logits, reference, dtype)
 
 
+def test_logits_equal_hugging_face_in_float32_on_the_cpu(make_ckpt, place):
+    device, dtype = place
+    folder, sd = make_ckpt(GQA, 1)
+    expected = hf_model(sd, GQA)(input_ids=X).logits.float().detach()
+    close(build(folder, device, dtype).model(X.to(device), 0), expected, dtype)
+
+
+def test_merged_shards_compute_what_one_shard_does(make_ckpt, place):
+    device, dtype = place
+    (one, _), (two, _) = make_ckpt(GQA, 1, name="one"), make_ckpt(GQA, 2, name="two")
+    x = X.to(device)
+    assert torch.equal(build(one, device, dtype).model(x, 0), build(two, device, dtype).model(x, 0))
+
+
 def test_cached_decode_and_chunked_prefill_equal_a_full_forward(folder, place):
     device, dtype = place
     model = build(folder, device, dtype).model
@@ -113,6 +137,32 @@ def test_greedy_ids_and_streamed_text_where_the_reference_is_clear_cut(place):
     assert not differs or not sure[differs[0]], f"greedy ids left the reference at clear-cut step {differs[0]}"
     text = llm.text_completion(["ROMEO:\n"], temperature=0, max_gen_len=16).texts[0]
     assert "".join(e.text for e in llm.stream(["ROMEO:\n"], temperature=0, max_gen_len=16)) == text
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.8, 0.9), (0.0, 0.9)])
+def test_same_seed_same_tokens_as_meta_on_the_same_device(folder, place, temperature, top_p):
+    """Meta's loop (global RNG, seeded on every device) over the same model: the same forward
+    calls and draws, so the same ids exactly, and logprobs from the same float32 logits."""
+    device, dtype = place
+    llm = LLaMa.build(folder, max_seq_len=48, max_batch_size=4, device=device, dtype=dtype, seed=7)
+    ours, our_lps = llm.generate(PROMPTS, 20, temperature, top_p, logprobs=True)
+    llm.model.setup_cache(4, 48)
+    theirs, their_lps = meta_reference_generate(llm.model, llm.tokenizer, PROMPTS, 20, temperature, top_p, seed=7)
+    assert ours == theirs
+    for a, b in zip(our_lps, their_lps):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_the_cli_prints_what_the_library_returns_there(folder, place):
+    device, dtype = place
+    name = str(dtype).removeprefix("torch.")
+    args = ["--ckpt_dir", str(folder), "--prompt", "the king", "--max_gen_len", "8", "--max_seq_len", "48"]
+    args += ["--device", device, "--dtype", name, "--temperature", "0"]
+    inference = Path(__file__).resolve().parents[1] / "inference.py"
+    r = subprocess.run([sys.executable, str(inference), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    texts = build(folder, device, dtype).text_completion(["the king"], max_gen_len=8, temperature=0).texts
+    assert f"the king\n> {texts[0]}\n" in r.stdout
 
 
 def test_a_batch_computes_what_each_prompt_does_alone(folder, place):

@@ -11,14 +11,15 @@ from llama import Completions, LLaMa
 def meta_reference_generate(model, tokenizer, prompt_tokens, max_gen_len, temperature, top_p, seed):
     """Meta's generate() and sample_top_p() transcribed, global RNG and all: the oracle."""
     torch.manual_seed(seed)
+    device = model.tok_embeddings.weight.device  # Meta's is always "cuda"
     bsz, pad_id = len(prompt_tokens), tokenizer.pad_id
     min_len, max_len = min(map(len, prompt_tokens)), max(map(len, prompt_tokens))
     total_len = min(model.max_seq_len, max_gen_len + max_len)
-    tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long)
+    tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
     for k, t in enumerate(prompt_tokens):
-        tokens[k, : len(t)] = torch.tensor(t)
+        tokens[k, : len(t)] = torch.tensor(t, device=device)
     token_logprobs = torch.zeros_like(tokens, dtype=torch.float)
-    prev_pos, eos_reached, mask = 0, torch.tensor([False] * bsz), tokens != pad_id
+    prev_pos, eos_reached, mask = 0, torch.tensor([False] * bsz, device=device), tokens != pad_id
     for cur_pos in range(min_len, total_len):
         logits = model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
         if temperature > 0:
