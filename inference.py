@@ -69,11 +69,13 @@ def complete(
     stream: bool | None = None,
     quantize: str | None = None,
     pack: bool = False,
+    compile: bool = False,
     verbose: bool = False,
 ) -> None:
     """Complete prompts (repeat --prompt, or --prompts_file) with a Meta checkpoint folder
     (--ckpt_dir; the built-in model when omitted). Prints each completion, streaming it when
-    stdout is a terminal (--stream to force either way), or writes JSONL to --out.
+    stdout is a terminal (--stream to force either way), or writes JSONL to --out. --compile
+    (CUDA) runs decode steps as CUDA graphs.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
@@ -88,6 +90,7 @@ def complete(
         seed=seed,
         quantize=quantize,
         pack=pack,
+        compile=compile,
     )
     options = dict(
         temperature=temperature,

@@ -5,7 +5,7 @@ right-padded, decoded from the shortest prompt, longer prompts' tokens forced, e
 stop id (Llama 2's EOS; Llama 3's end of text, message or turn) or its max_gen_len-th token.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -66,17 +66,21 @@ def decode_steps(
     pad_id: int,
     stop_ids: Sequence[int],
     logprobs: bool = False,
+    step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> Iterator[Step]:
-    """Meta's loop, one Step per position, until every row is done or max_seq_len is reached."""
+    """Meta's loop, one Step per position, until every row is done or max_seq_len is reached.
+    step(tokens [B, 1], start_pos) -> last logits, if given, computes the one-token steps
+    without logprobs (llama.compiled's StaticDecode)."""
     device = model.tok_embeddings.weight.device  # never packed or quantized
     bsz = len(prompt_tokens)
     prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
     min_prompt_len, max_prompt_len = min(map(len, prompt_tokens)), max(map(len, prompt_tokens))
     total_len = min(model.max_seq_len, max_gen_len + max_prompt_len)
 
-    tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+    tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long)
     for k, t in enumerate(prompt_tokens):
-        tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long)
+    tokens = tokens.to(device)  # one copy to the device, not one per prompt
     # From the lengths: Meta's code compares tokens with the pad id, and Llama 3's pad is a real
     # token, which a prompt may hold.
     input_text_mask = torch.arange(total_len, device=device) < prompt_lens[:, None]
@@ -96,6 +100,8 @@ def decode_steps(
         if logprobs:
             logits = model(tokens[:, prev_pos:cur_pos], prev_pos)
             last = logits[:, -1]
+        elif step is not None and cur_pos - prev_pos == 1:
+            last = step(tokens[:, prev_pos:cur_pos], prev_pos)
         else:  # only the last position is sampled from; [B, dim] (a strided [B, 1, dim] view would
             # make matmul materialise the output weight once per row)
             last = model.output(model.hidden(tokens[:, prev_pos:cur_pos], prev_pos)[:, -1]).float()

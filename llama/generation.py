@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
+from llama.compiled import StaticDecode
 from llama.cpu import onednn_bf16, use_cpu_modules
 from llama.decoding import Completions, Outputs, Step, StreamEvent, decode_steps
 from llama.infilling import check_infilling, infilling_prompt
@@ -40,6 +41,7 @@ class LLaMa:
         # One generation at a time: they all write the one KV cache.
         self._generating = threading.Lock()
         self._warned_cut = False
+        self.step: StaticDecode | None = None  # build(compile=True): the decode steps as one CUDA graph
 
     @staticmethod
     def build(
@@ -53,6 +55,7 @@ class LLaMa:
         seed: int = 1,
         quantize: str | None = None,
         pack: bool = False,
+        compile: bool = False,
     ) -> "LLaMa":
         """Load a Meta checkpoint folder (any number of shards; the built-in Shakespeare model when
         omitted) onto one device, with its tokenizer. load_model=False builds the architecture with
@@ -64,6 +67,8 @@ class LLaMa:
         keeps the weights in oneDNN's layout instead, faster for batches and prompts, slower at
         batch 1. Inside a torch.distributed process group of several processes (torchrun), each
         process builds its part of the model, split over them all (see llama.parallel).
+        compile=True (CUDA, one process) runs each decode step as one captured CUDA graph (see
+        llama.compiled): the first steps at each batch size compile it, which takes a while.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")
@@ -75,6 +80,8 @@ class LLaMa:
             raise ValueError(
                 f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels in one process, not {dtype} on {device}"
             )
+        if compile and not (device.type == "cuda" and n == 1):
+            raise ValueError(f"compile=True captures CUDA graphs: it needs a CUDA device in one process, not {device}")
         source = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
         run = dict(device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         if n > 1:
@@ -91,7 +98,9 @@ class LLaMa:
         model.requires_grad_(False).eval()
         model.setup_cache(max_batch_size, max_seq_len)
         logger.info("built %s on %s in %s: %.1f MB of weights", source, device, dtype, local_bytes(model) / 1e6)
-        return LLaMa(model, tokenizer, seed)
+        llm = LLaMa(model, tokenizer, seed)
+        llm.step = StaticDecode(model) if compile else None
+        return llm
 
     def generate(
         self,
@@ -260,7 +269,9 @@ class LLaMa:
         """Meta's loop over these (checked) prompts, to the tokenizer's stop ids unless others are given."""
         stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         pad_id = self.tokenizer.pad_id
-        return decode_steps(self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, stop_ids, logprobs)
+        return decode_steps(
+            self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, stop_ids, logprobs, self.step
+        )
 
     def _outputs(
         self,

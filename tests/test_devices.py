@@ -165,6 +165,22 @@ def test_the_cli_prints_what_the_library_returns_there(folder, place):
     assert f"the king\n> {texts[0]}\n" in r.stdout
 
 
+def test_compiled_decode_steps_equal_the_models_forward(folder, place):
+    """build(compile=True): each decode step one CUDA graph replay, within rounding of forward()."""
+    device, dtype = place
+    if device != "cuda":
+        pytest.skip("compile=True is for CUDA")
+    llm = build(folder, device, dtype, compile=True)
+    x = X.to(device)
+    full = llm.model(x, 0)
+    llm.model(x[:, :3], 0)
+    steps = torch.stack([llm.step(x[:, i : i + 1], i) for i in range(3, x.shape[1])], dim=1)
+    close(steps, full[:, 3:].cpu(), dtype)
+    assert llm.step.warmup_s > 0 and llm.step.calls == x.shape[1] - 3
+    llm.generate([[1, 5, 9]], 8, temperature=0)
+    assert llm.step.calls > x.shape[1] - 3  # generation's one-token steps went through the graph
+
+
 def test_a_batch_computes_what_each_prompt_does_alone(folder, place):
     device, dtype = place
     llm = build(folder, device, dtype)
