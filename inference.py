@@ -307,6 +307,16 @@ def init_distributed() -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
+def close_distributed() -> None:
+    """Leave torchrun's process group before exiting: a process that exits with gloo's threads
+    still running can abort ("terminate called without an active exception")."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def read_line(prompt: str) -> str | None:
     """A line of input, None at its end; under torchrun rank 0 reads it and every rank gets it."""
     line = None
@@ -350,6 +360,8 @@ def main(argv: list[str]) -> None:
         fire.Fire(command, command=rest)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message (once), not a traceback
         sys.exit(f"error: {e}" if RANK == 0 else 1)
+    finally:
+        close_distributed()
 
 
 if __name__ == "__main__":
