@@ -1,9 +1,12 @@
-"""One peer, one process (run by bench/speed.py): load the model, warm up, time each workload and
-print a JSON line of tokens/s, load seconds and peak resident memory. Greedy decoding throughout;
-prompts are the same random ids for every peer. Decode runs once per round; a prefill, being short,
-three times (median).
+"""One peer, one process (run by bench/speed.py and bench/device_check.py): load the model, warm
+up, time each workload and print a JSON line of tokens/s, load seconds, warm-up seconds and peak
+memory (resident, or the GPU's allocator on CUDA). Greedy decoding throughout; prompts are the same
+random ids for every peer. Decode runs once per round; a prefill, being short, three times (median).
 
-    python bench/peers.py ours|hf|llamacpp PATH decode_b1,prefill_512,... NEW_TOKENS THREADS
+    python bench/peers.py ours|hf|llamacpp[-VARIANT] PATH decode_b1,prefill_512,... NEW_TOKENS THREADS [DEVICE]
+
+Variants: ours-fp16|bf16|fp32 (the dtype), ours-int8|int4 (quantized linears), ours-packed (oneDNN
+layout), ours-fp16-compiled (CUDA graphs), hf-fp16|bf16; llamacpp-q8_0 and the like name the file.
 """
 
 import json
@@ -36,26 +39,30 @@ def workload(name: str) -> tuple[int, int, bool]:
     return (1, int(arg), True) if kind == "prefill" else (int(arg[1:]), PROMPT_LEN, False)
 
 
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
 class Ours:
-    def __init__(self, path: str, threads: int, max_batch: int, max_len: int, variant: str = ""):
+    def __init__(self, path: str, threads: int, max_batch: int, max_len: int, device: str, variant: str = ""):
         import torch
 
         from llama import LLaMa
         from llama.cpu import weight_bytes
 
         torch.set_num_threads(threads)
-        # ours-fp16: float16 weights and math on the CPU; ours-int8 / ours-int4: bf16 with quantized linears;
-        # ours-packed: bf16 weights in oneDNN's layout (pack=True)
-        dtype = variant if variant in ("fp16", "fp32") else "bfloat16"
-        quantize = variant if variant in ("int8", "int4") else None
+        parts = variant.split("-")
+        # the device's default dtype (bf16 on the CPU, fp16 on CUDA) unless a variant names one
+        dtype = next((DTYPES[p] for p in parts if p in DTYPES), None)
+        quantize = next((p for p in parts if p in ("int8", "int4")), None)
         self.llm = LLaMa.build(
             path,
             max_seq_len=max_len,
             max_batch_size=max_batch,
-            device="cpu",
+            device=device,
             dtype=dtype,
             quantize=quantize,
-            pack=variant == "packed",
+            pack="packed" in parts,
+            compile="compiled" in parts,
         )
         self.weight_bytes = weight_bytes(self.llm.model)  # state_dict() would unpack packed weights
 
@@ -65,17 +72,19 @@ class Ours:
 
 
 class HF:
-    def __init__(self, path: str, threads: int, max_batch: int, max_len: int):
+    def __init__(self, path: str, threads: int, max_batch: int, max_len: int, device: str, variant: str = ""):
         import torch
         from transformers import LlamaForCausalLM
 
         torch.set_num_threads(threads)
-        self.torch = torch
-        self.model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        self.torch, self.device = torch, device
+        dtype = getattr(torch, DTYPES[variant or "bf16"])
+        on = {} if device == "cpu" else {"device_map": device}  # where accelerate loads it straight to the GPU
+        self.model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, **on).eval()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def generate(self, batch: list[list[int]], new_tokens: int) -> int:
-        ids = self.torch.tensor(batch)
+        ids = self.torch.tensor(batch, device=self.device)
         with self.torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids,
@@ -85,6 +94,8 @@ class HF:
                 min_new_tokens=new_tokens,
                 pad_token_id=0,
             )
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
 
@@ -92,7 +103,7 @@ class LlamaCpp:
     """llama.cpp through llama-cpp-python's low-level API: one sequence per prompt in a shared
     KV cache, one llama_decode per step for the whole batch, greedy argmax on its logits."""
 
-    def __init__(self, path: str, threads: int, max_batch: int, max_len: int):
+    def __init__(self, path: str, threads: int, max_batch: int, max_len: int, device: str, variant: str = ""):
         import llama_cpp
 
         self.lib = llama_cpp
@@ -136,7 +147,7 @@ class LlamaCpp:
 
 
 def main() -> None:
-    peer, path, names, new_tokens, threads = sys.argv[1:6]
+    peer, path, names, new_tokens, threads, device = (sys.argv[1:] + ["cpu"])[:6]
     peer, _, variant = peer.partition("-")  # ours-int8: quantized here; llamacpp-q8_0: the file's type
     names, new_tokens, threads = names.split(","), int(new_tokens), int(threads)
     specs = {n: workload(n) for n in names}
@@ -144,14 +155,20 @@ def main() -> None:
     max_len = max(length + (1 if pre else new_tokens) for _, length, pre in specs.values())
     # Import the peer's libraries first: peak memory counts what loading the model adds.
     __import__({"ours": "llama", "hf": "transformers.models.llama", "llamacpp": "llama_cpp"}[peer])
+    cuda = device.startswith("cuda")
+    if cuda:
+        import torch
+
+        torch.cuda.init()  # the context's own memory and seconds are not the model's
     base = status("VmRSS")
     t = time.perf_counter()
-    kwargs = {"variant": variant} if peer == "ours" else {}
-    model = {"ours": Ours, "hf": HF, "llamacpp": LlamaCpp}[peer](path, threads, max_batch, max_len, **kwargs)
+    model = {"ours": Ours, "hf": HF, "llamacpp": LlamaCpp}[peer](path, threads, max_batch, max_len, device, variant)
     result = {"load_s": time.perf_counter() - t, "weight_bytes": model.weight_bytes}
     for name, (batch, length, prefill) in specs.items():
         ids, n = prompts(batch, length), 1 if prefill else new_tokens
-        model.generate(ids, 2)  # warm-up at this shape
+        t = time.perf_counter()
+        model.generate(ids, 2)  # warm-up at this shape (where a compiled step compiles)
+        result[f"{name}_warmup_s"] = time.perf_counter() - t
         times = []
         for _ in range(3 if prefill else 1):  # a prefill takes well under a second: median of three
             t = time.perf_counter()
@@ -160,6 +177,8 @@ def main() -> None:
             assert produced == batch * n, (name, produced)
         result[name] = (length if prefill else produced) / statistics.median(times)
     result["peak_rss_bytes"] = status("VmHWM") - base
+    if cuda:
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(result))
 
 

@@ -43,6 +43,7 @@ COMMANDS = {
     "load_memory.json": "python bench/load_memory.py",
     "quantize.json": "python bench/quantize.py",
     "parallel.json": "python bench/parallel.py --shapes 110m --worlds 1,2",
+    "device_check.json": "python bench/device_check.py",
 }
 # The comparisons shown: each of ours against the peer of the same kind, in this order.
 COUNTERPARTS = (
@@ -453,8 +454,62 @@ def parallel_paragraphs(result: dict) -> list[str]:
     return [method, *findings]
 
 
+# --- device_check.py results -------------------------------------------------------------------------------------
+
+GPU_WORKLOADS = {**WORKLOADS, "prefill_2048": "prefill 2048"}
+
+
+def device_check_table(result: dict) -> str:
+    bench = next(iter(result["shapes"].values()))  # one shape
+    head = ["peer", *(GPU_WORKLOADS[w] + " tok/s" for w in GPU_WORKLOADS), "load s", "peak MB", "b1 / ceiling"]
+    rows = []
+    for peer, row in bench["peers"].items():
+        if "error" in row:
+            rows.append([peer, "failed: " + row["error"].strip().splitlines()[-1][:120], *["-"] * (len(head) - 2)])
+            continue
+        peak = row.get("peak_gpu_bytes", row["peak_rss_bytes"])
+        cells = [f"{row[w]:.1f}" if w in row else "-" for w in GPU_WORKLOADS]
+        share = row.get("decode_b1_bandwidth_fraction")
+        rows.append([peer, *cells, f"{row['load_s']:.1f}", mb(peak), "-" if share is None else f"{share:.0%}"])
+    return md_table(head, rows)
+
+
+def device_check_paragraphs(result: dict) -> list[str]:
+    env, tests, limits = result["environment"], result["tests"], result["limits"]
+    where = env.get("gpu", f"the CPU ({env.get('cpu_count')} cores)")
+    versions = f"torch {env['torch']}" + (f", CUDA {env['cuda']}" if "cuda" in env else "")
+    ((shape, _),) = result["shapes"].items()
+    method = (
+        f"Run on {result['date']} on {where} ({versions}): the test suite on that machine, then this project and "
+        f"transformers on the same random `{shape}`-shaped weights, {result['new_tokens']} new tokens per decode "
+        "workload, each peer in its own process. Peak memory is the process's GPU allocator peak (resident memory "
+        "on a CPU). `b1 / ceiling` is batch-1 decode against the card's copy bandwidth "
+        f"({limits['copy_gbs']:.0f} GB/s measured; its bf16 GEMM ran at {limits['gemm_bf16_tflops']:.1f} TFLOP/s)."
+    )
+    counts = ", ".join(f"{tests[k]} {k}" for k in ("passed", "failed", "skipped") if k in tests)
+    findings = [f"Tests: {counts or 'not run'}." + "".join(f" Failed: {f}." for f in tests.get("failures", []))]
+    peers = next(iter(result["shapes"].values()))["peers"]
+    for ours, row in peers.items():
+        for key, ratios in ((k, v) for k, v in row.items() if k.startswith("ratio_vs_")):
+            each = ", ".join(f"{GPU_WORKLOADS[w]} {times(r)}" for w, r in ratios.items())
+            findings.append(f"{ours} against {key.removeprefix('ratio_vs_')}, tokens/s: {each}.")
+    compiled, eager = peers.get("ours-fp16-compiled", {}), peers.get("ours-fp16", {})
+    if "decode_b1" in compiled and "decode_b1" in eager:
+        ws = [w for w in GPU_WORKLOADS if w in compiled and w in eager]
+        findings.append(
+            "compile=True against ours-fp16: "
+            + ", ".join(f"{GPU_WORKLOADS[w]} {times(compiled[w] / eager[w])}" for w in ws)
+            + "; its warm-up (compiling and capturing, two tokens) took "
+            + ", ".join(f"{compiled[w + '_warmup_s']:.0f} s at {GPU_WORKLOADS[w]}" for w in ws)
+            + "."
+        )
+    return [method, *findings]
+
+
 def tables(name: str, result: dict) -> str:
     """The tables of one result file, by the script that wrote it."""
+    if name.startswith("device_check"):
+        return device_check_table(result)
     if name.startswith("parallel"):
         return parallel_table(result)
     if "shapes" in result:
@@ -472,7 +527,15 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "load_memory.json": ("Load time and memory", load_paragraphs),
     "quantize.json": ("Quantization: quality and size", quantize_paragraphs),
     "parallel.json": ("More than one process: tensor parallel", parallel_paragraphs),
+    "device_check.json": ("On a GPU", device_check_paragraphs),
 }
+NO_GPU_RUN = (
+    "No GPU has run this code yet. `python bench/device_check.py` is the one command for a GPU "
+    "machine: it runs the test suite there, then decode (batch 1, 8, 32), prefill (512, 2048 tokens), load time "
+    "and peak memory for this project in fp16, bf16, int8, int4 and fp16 with `compile=True`, against "
+    "transformers in fp16 and bf16, on Llama 2 7B-shaped random weights, beside the card's copy bandwidth and "
+    "GEMM peak, and writes `bench/results/device_check.json`, whose table then appears here."
+)
 
 
 def load_results() -> dict[str, dict]:
@@ -600,6 +663,8 @@ def report(results: dict[str, dict]) -> str:
     )
     glance = "## At a glance\n\n`python bench/report.py --summary` prints this table:\n\n" + summary(results)
     sections = [section(name, result) for name, result in results.items()]
+    if "device_check.json" not in results:
+        sections.append(f"## {SECTIONS['device_check.json'][0]}\n\n{paragraph(NO_GPU_RUN)}")
     return "\n\n".join([head, intro(results), *([glance] if "speed.json" in results else []), *sections]) + "\n"
 
 

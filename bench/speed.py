@@ -24,6 +24,7 @@ SHAPES = {  # params.json of each shape; vocab 32000 as in Llama 2
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32),
     "110m": dict(dim=768, n_layers=12, n_heads=12, multiple_of=256),
     "1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256),  # TinyLlama: FFN 5632
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256),  # Llama 2 7B (bench/device_check.py)
 }
 PEERS = ("ours", "ours-packed", "hf", "llamacpp")
 # Quantized variants, for the quantization comparison: this project's int8/int4 and llama.cpp's own.
@@ -52,8 +53,9 @@ def make_tokenizer(path: Path) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def make_models(shape: str, root: Path, peers: list[str]) -> dict[str, str]:
-    """The same random bf16 weights as a Meta folder, a Hugging Face folder and a GGUF F16 file."""
+def make_models(shape: str, root: Path, peers: list[str], device: str = "cpu") -> dict[str, str]:
+    """The same random bf16 weights as a Meta folder, a Hugging Face folder and a GGUF F16 file
+    (drawn on device: a GPU draws 7B of them in a moment, a CPU in a minute)."""
     import torch
 
     from llama.checkpoint import save_checkpoint
@@ -64,17 +66,18 @@ def make_models(shape: str, root: Path, peers: list[str]) -> dict[str, str]:
     meta = root / shape / "meta"
     make_tokenizer(root / "tokenizer.model") if not (root / "tokenizer.model").exists() else None
     with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    model.init_weights(torch.Generator().manual_seed(0))
-    sd = model.state_dict()
+        model = Transformer(args).to(torch.bfloat16)
+    model = model.to_empty(device=device)
+    model.init_weights(torch.Generator(device=device).manual_seed(0))
+    sd = model.to("cpu").state_dict()
     save_checkpoint(sd, args, meta)
     (meta / "tokenizer.model").write_bytes((root / "tokenizer.model").read_bytes())
     paths = {p: str(meta) for p in peers if p.startswith("ours")}
-    if "hf" in peers:
+    if any(p.startswith("hf") for p in peers):
         from llama.convert.hf import meta_folder_to_hf
 
-        paths["hf"] = str(meta_folder_to_hf(meta, root / shape / "hf"))
+        hf = str(meta_folder_to_hf(meta, root / shape / "hf"))
+        paths.update({p: hf for p in peers if p.startswith("hf")})
     for peer in (p for p in peers if p.startswith("llamacpp")):
         from llama.convert.gguf import write_gguf
 
@@ -156,8 +159,8 @@ def peer_available(peer: str) -> bool:
     return importlib.util.find_spec(PEER_PACKAGES[peer.split("-")[0]]) is not None
 
 
-def run_peer(peer: str, path: str, workloads: list[str], opts) -> dict:
-    """One fresh process: load, warm up, each workload once; tokens/s, load seconds, peak RSS."""
+def run_peer(peer: str, path: str, workloads: list[str], opts, device: str = "cpu") -> dict:
+    """One fresh process: load, warm up, each workload once; tokens/s, load seconds, peak memory."""
     cmd = [
         sys.executable,
         str(Path(__file__).with_name("peers.py")),
@@ -166,10 +169,11 @@ def run_peer(peer: str, path: str, workloads: list[str], opts) -> dict:
         ",".join(workloads),
         str(opts.new_tokens),
         str(opts.threads),
+        device,
     ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        sys.exit(f"{peer} failed:\n{r.stderr[-4000:]}")
+        raise RuntimeError(f"{peer} failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
