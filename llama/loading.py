@@ -66,6 +66,21 @@ def load_meta_folder(
 ) -> Loaded:
     """A Meta folder of any number of shards, with the tokenizer.model beside it (or in its parent)."""
     device, dtype = _placement(device, dtype, quantize)
+    checkpoint, tokenizer = open_meta_folder(folder, tokenizer_path)
+    model = _empty(checkpoint.args, dtype, device, max_batch_size, max_seq_len)
+    # Quantizing a shard that is used in place (mmap) keeps one float matrix resident at a time;
+    # otherwise the float model is whole in memory first.
+    in_place = quantize is not None and checkpoint.maps_in_place(dtype, device)
+    nbytes = quantized_bytes(model, quantize) if in_place else None
+    _allocate(model, device, max_batch_size, max_seq_len, nbytes)
+    checkpoint.load_into(model)
+    return _quantized(model, quantize), tokenizer
+
+
+def open_meta_folder(
+    folder: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
+) -> tuple[MetaCheckpoint, Tokenizer]:
+    """A Meta folder's shards (mapped, not read) and the tokenizer whose vocabulary they fit."""
     checkpoint = MetaCheckpoint(folder)
     args = checkpoint.args
     tokenizer = tokenizer_for(args, checkpoint.dir, tokenizer_path)
@@ -74,14 +89,7 @@ def load_meta_folder(
             f"the embedding in {checkpoint.dir} has {checkpoint.vocab_size} rows but the tokenizer {tokenizer.path} "
             f"has {args.vocab_size} words: pass the tokenizer.model that belongs to this model"
         )
-    model = _empty(args, dtype, device, max_batch_size, max_seq_len)
-    # Quantizing a shard that is used in place (mmap) keeps one float matrix resident at a time;
-    # otherwise the float model is whole in memory first.
-    in_place = quantize is not None and checkpoint.maps_in_place(dtype, device)
-    nbytes = quantized_bytes(model, quantize) if in_place else None
-    _allocate(model, device, max_batch_size, max_seq_len, nbytes)
-    checkpoint.load_into(model)
-    return _quantized(model, quantize), tokenizer
+    return checkpoint, tokenizer
 
 
 def load_quantized_folder(

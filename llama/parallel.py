@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llama.checkpoint import MetaCheckpoint, split_dim
-from llama.loading import kv_cache_bytes, tokenizer_for
+from llama.loading import kv_cache_bytes, open_meta_folder
 from llama.model import ModelArgs, Transformer
 from llama.runtime import check_fits
 from llama.tokenizer import Tokenizer
@@ -123,16 +123,9 @@ def load_parallel(
 
 def _open(folder: str | os.PathLike, tokenizer_path: str | os.PathLike | None, n: int):
     """The checkpoint (mapped), its tokenizer and the copies of each kv head that n ranks need."""
-    checkpoint = MetaCheckpoint(folder)
-    args = checkpoint.args
-    tokenizer = tokenizer_for(args, checkpoint.dir, tokenizer_path)
-    if checkpoint.vocab_size != args.vocab_size:
-        raise ValueError(
-            f"the embedding in {checkpoint.dir} has {checkpoint.vocab_size} rows but the tokenizer has "
-            f"{args.vocab_size}: pass the tokenizer.model that belongs to this model"
-        )
-    check_world_size(args, n, checkpoint.dir)
-    return checkpoint, tokenizer, max(1, n // args.kv_heads)
+    checkpoint, tokenizer = open_meta_folder(folder, tokenizer_path)
+    check_world_size(checkpoint.args, n, checkpoint.dir)
+    return checkpoint, tokenizer, max(1, n // checkpoint.args.kv_heads)
 
 
 def _fill(

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import GQA, MHA
-from test_generation import PROMPTS, meta_reference_generate
+from test_generation import assert_same_as_meta
 from test_model import hf_model
 
 from llama import LLaMa
@@ -145,12 +145,7 @@ def test_same_seed_same_tokens_as_meta_on_the_same_device(folder, place, tempera
     calls and draws, so the same ids exactly, and logprobs from the same float32 logits."""
     device, dtype = place
     llm = LLaMa.build(folder, max_seq_len=48, max_batch_size=4, device=device, dtype=dtype, seed=7)
-    ours, our_lps = llm.generate(PROMPTS, 20, temperature, top_p, logprobs=True)
-    llm.model.setup_cache(4, 48)
-    theirs, their_lps = meta_reference_generate(llm.model, llm.tokenizer, PROMPTS, 20, temperature, top_p, seed=7)
-    assert ours == theirs
-    for a, b in zip(our_lps, their_lps):
-        assert a == pytest.approx(b, abs=1e-4)
+    assert_same_as_meta(llm, temperature, top_p, seed=7, logprob_tolerance=1e-4)
 
 
 def test_the_cli_prints_what_the_library_returns_there(folder, place):

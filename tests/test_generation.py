@@ -55,15 +55,20 @@ def meta_reference_generate(model, tokenizer, prompt_tokens, max_gen_len, temper
 PROMPTS = [[1, 5, 9, 14, 3], [1, 40], [1, 22, 7, 60, 61, 62, 63, 64, 70], [1, 33, 33]]
 
 
-@pytest.mark.parametrize("temperature, top_p", [(0.8, 0.9), (1.0, 1.0), (0.6, 0.3), (0.0, 0.9)])
-def test_same_seed_same_tokens_and_logprobs_as_meta(llm, temperature, top_p):
+def assert_same_as_meta(llm, temperature: float, top_p: float, seed: int = 7, logprob_tolerance: float = 1e-5):
+    """llm (built with this seed) generates what Meta's loop does over the same model and draws."""
     ours, our_lps = llm.generate(PROMPTS, 20, temperature, top_p, logprobs=True)
     llm.model.setup_cache(4, 48)
-    theirs, their_lps = meta_reference_generate(llm.model, llm.tokenizer, PROMPTS, 20, temperature, top_p, seed=7)
+    theirs, their_lps = meta_reference_generate(llm.model, llm.tokenizer, PROMPTS, 20, temperature, top_p, seed)
     assert ours == theirs
     for a, b in zip(our_lps, their_lps):
-        assert a == pytest.approx(b, abs=1e-5)
+        assert a == pytest.approx(b, abs=logprob_tolerance)
     assert sum(map(len, ours)) >= 40  # enough sampled tokens compared (a row may stop at EOS)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.8, 0.9), (1.0, 1.0), (0.6, 0.3), (0.0, 0.9)])
+def test_same_seed_same_tokens_and_logprobs_as_meta(llm, temperature, top_p):
+    assert_same_as_meta(llm, temperature, top_p)
 
 
 def test_sampling_leaves_the_global_rng_alone(llm):
