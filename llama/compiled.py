@@ -22,21 +22,24 @@ class StaticDecode:
             raise ValueError("StaticDecode needs the model's KV cache: call model.setup_cache() first")
         self.model = model
         device = model.freqs_cis.device
-        self.freqs_cis: torch.Tensor | None = None  # the cos and sin below are its parts
-        self.cos = self.sin = None
+        self.freqs_cis: torch.Tensor | None = None  # the cache's rotations, of which cos and sin are the parts
+        self.cos = self.sin = self.positions = None
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # one buffer: a graph reads it in place
-        self.positions = torch.arange(model.max_seq_len, device=device)
         self.mode = mode
         self.compiled = self.eager if mode is None else torch.compile(self.eager, mode=mode, dynamic=False)
-        self.warmup_s: float | None = None  # the first call's seconds: compiling and capturing
+        self.warmup_s: float | None = None  # the first call's seconds: compiling (capture follows in the next calls)
         self.calls = 0
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         if tokens.shape[1] != 1 or start_pos >= self.model.max_seq_len:
-            raise ValueError(f"a decode step takes one new token per row inside the cache, not {tuple(tokens.shape)}")
-        if self.freqs_cis is not self.model.freqs_cis:  # setup_cache ran again
+            raise ValueError(
+                f"a decode step takes one new token per row inside the cache, not {tuple(tokens.shape)} at "
+                f"start_pos={start_pos} (max_seq_len={self.model.max_seq_len})"
+            )
+        if self.freqs_cis is not self.model.freqs_cis:  # the first call, or setup_cache ran again
             self.freqs_cis = self.model.freqs_cis
             self.cos, self.sin = self.freqs_cis.real.contiguous(), self.freqs_cis.imag.contiguous()
+            self.positions = torch.arange(self.model.max_seq_len, device=self.pos.device)
         self.pos.fill_(start_pos)  # a device-side write: no host synchronisation
         args = (tokens, self.pos, self.cos[start_pos : start_pos + 1], self.sin[start_pos : start_pos + 1])
         if self.calls:
