@@ -53,9 +53,11 @@ def world_sizes(args: ModelArgs) -> list[int]:
     return [
         n
         for n in range(1, args.n_heads + 1)
-        if args.n_heads % n == 0 and args.ffn_hidden_dim % n == 0 and args.vocab_size % n == 0
+        if args.n_heads % n == 0
+        and args.ffn_hidden_dim % n == 0
+        and args.vocab_size % n == 0
         and (kv % n == 0 or n % kv == 0)
-    ]  # fmt: skip
+    ]
 
 
 def check_world_size(args: ModelArgs, n: int, folder: Path) -> None:

@@ -122,8 +122,19 @@ ANY = st.one_of(
     st.text(max_size=4),
     st.lists(st.integers(), max_size=2),
 )
-FIELDS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
-          "rope_theta", "use_scaled_rope", "rope_scaling_factor"]  # fmt: skip
+FIELDS = [
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "use_scaled_rope",
+    "rope_scaling_factor",
+]
 
 
 @SETTINGS
