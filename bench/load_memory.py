@@ -15,6 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from report import load_table  # bench/report.py, beside this script
 
 from llama.checkpoint import save_checkpoint
 from llama.model import ModelArgs, Transformer
@@ -97,35 +98,10 @@ def main() -> None:
             row.update(json.loads(r.stdout.strip().splitlines()[-1]))
             row["file_bytes"] = sum(p.stat().st_size for p in folder.glob("consolidated.*.pth"))
             rows.append(row)
-    heads = (
-        "shards",
-        "dtype",
-        "pack",
-        "quantize",
-        "weights MB",
-        "peak RSS MB",
-        "peak/weights",
-        "load s",
-        "again s",
-        "read s",
-    )
-    print(" ".join(f"{h:>12}" for h in heads))
-    for r in rows:
-        cells = [
-            r["shards"],
-            r["dtype"],
-            r["pack"],
-            r["quantize"],
-            f"{r['weight_bytes'] / 1e6:.0f}",
-            f"{r['peak_rss_bytes'] / 1e6:.0f}",
-            f"{r['peak_rss_bytes'] / r['weight_bytes']:.2f}",
-            f"{r['load_s']:.2f}",
-            f"{r['load_again_s']:.2f}",
-            f"{r['read_s']:.2f}",
-        ]
-        print(" ".join(f"{c!s:>12}" for c in cells))
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(dict(args=args.to_params(), torch=torch.__version__, rows=rows), indent=2))
+    result = dict(args=args.to_params(), torch=torch.__version__, rows=rows)
+    Path(opts.out).write_text(json.dumps(result, indent=2))
+    print(load_table(result))
 
 
 if __name__ == "__main__":

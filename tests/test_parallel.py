@@ -24,6 +24,19 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 5, 9, 14, 3], [1, 40]]
 
 
+def torchrun_command(n: int) -> list[str]:
+    """torchrun with n processes on this machine, on a port nothing else holds."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n),
+        "--master_port",
+        str(free_port()),
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,15 +126,7 @@ def test_the_cli_under_torchrun_prints_and_writes_once(make_ckpt, tmp_path):
     folder, _ = make_ckpt(GQA, 2)
     args = ["--ckpt_dir", str(folder), "--prompt", "the king", "--prompt", "war", "--temperature", "0"]
     args += ["--max_gen_len", "6", "--max_seq_len", "64", "--dtype", "float32"]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+    torchrun = torchrun_command(2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run(
         [*torchrun, str(REPO / "inference.py"), *args], capture_output=True, text=True, env=env, timeout=300
@@ -148,15 +153,7 @@ def test_the_chat_under_torchrun_reads_once_and_answers_as_one_process(make_ckpt
     folder, _ = make_ckpt(GQA, 2)
     args = ["chat", "--ckpt_dir", str(folder), "--max_gen_len", "6", "--temperature", "0", "--max_seq_len", "64"]
     args += ["--dtype", "float32"]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+    torchrun = torchrun_command(2)
     talk = "the king\nand the queen\n/exit\n"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run(
