@@ -291,9 +291,10 @@ def take_raw_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 RANK = 0  # this process's, under torchrun (init_distributed)
 
 
-def init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1): join its process group, NCCL on GPUs and gloo on CPUs, so
-    that LLaMa.build splits the model over the processes; only rank 0 prints and writes."""
+def init_distributed(device: str | None) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join its process group, NCCL on GPUs and gloo on CPUs (no
+    GPU, or --device cpu), so that LLaMa.build splits the model over the processes; only rank 0
+    prints and writes."""
     global RANK
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
@@ -301,20 +302,28 @@ def init_distributed() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        on_cpu = not torch.cuda.is_available() or str(device).startswith("cpu")
+        dist.init_process_group("gloo" if on_cpu else "nccl")
     RANK = dist.get_rank()
     if RANK > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
-def close_distributed() -> None:
-    """Leave torchrun's process group before exiting: a process that exits with gloo's threads
-    still running can abort ("terminate called without an active exception")."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
+def close_distributed(code: int = 0) -> None:
+    """Under torchrun: leave the process group (after every rank reaches the end, unless this one
+    failed: a rank may fail alone) and end the process at once with code. A rank that exits the
+    usual way can abort in gloo's teardown ("terminate called without an active exception")."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def read_line(prompt: str) -> str | None:
@@ -330,6 +339,17 @@ def read_line(prompt: str) -> str | None:
         dist.broadcast_object_list(box, src=0)
         line = box[0]
     return line
+
+
+def flag_value(args: list[str], name: str) -> str | None:
+    """The last value given to --name (as --name=value or --name value), else None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(args):
+            value = args[i + 1]
+    return value
 
 
 def unknown_flag(command, args: list[str]) -> str | None:
@@ -355,13 +375,15 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: no flag {flag} here: python inference.py{name} --help lists them")
     for name, values in raw.items():  # handed to fire as JSON literals, which it parses back
         rest.append(f"--{name}=" + json.dumps(values if name in LIST_FLAGS else values[-1]))
-    init_distributed()
+    init_distributed(flag_value(rest, "device"))
     try:
         fire.Fire(command, command=rest)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message (once), not a traceback
-        sys.exit(f"error: {e}" if RANK == 0 else 1)
-    finally:
-        close_distributed()
+        if RANK == 0:
+            print(f"error: {e}", file=sys.stderr)
+        close_distributed(1)
+        sys.exit(1)
+    close_distributed()
 
 
 if __name__ == "__main__":

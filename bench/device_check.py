@@ -10,9 +10,11 @@ on the CPU (CI's smoke run). Each peer runs in its own process (bench/peers.py).
     python bench/device_check.py --smoke --out /tmp/device_check.json
 
 On this workplace's GPU machines nothing can be installed: carry fire, termcolor and gguf as wheels
-(`pip wheel --no-deps -w .whl fire termcolor gguf`, .whl ignored by git) and run
-`pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:$PWD
-python3 bench/device_check.py`.
+(`pip wheel --no-deps -w .whl fire termcolor gguf`, .whl ignored by git) and start each command with
+`pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD`.
+On an H200 machine (16 cores) the tests took 200 s and the benchmark over 5 minutes for five of
+its seven peers, more than one 10-minute call holds: run `--part tests` in one call, put its JSON
+at bench/results/device_check.json, then `--part bench` in a second call, which keeps those tests.
 """
 
 import argparse
@@ -32,7 +34,8 @@ from speed import SHAPES, make_models, run_peer  # bench/speed.py, beside this s
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("decode_b1", "decode_b8", "decode_b32", "prefill_512", "prefill_2048")
-GPU_PEERS = ("ours-fp16", "ours-bf16", "ours-int8", "ours-int4", "ours-fp16-compiled", "hf-fp16", "hf-bf16")
+# in this order: what a cut-short run must not miss first
+GPU_PEERS = ("ours-fp16", "ours-fp16-compiled", "hf-fp16", "ours-bf16", "hf-bf16", "ours-int8", "ours-int4")
 CPU_PEERS = ("ours-bf16", "ours-int8", "hf-bf16")
 # Each compiled batch size compiles its own graph (a minute or so): the compiled variant decodes at batch 1 and 8.
 ONLY = {"ours-fp16-compiled": ("decode_b1", "decode_b8")}
@@ -120,7 +123,8 @@ def layer_parameters(shape: str) -> int:
     return args.parameter_count() - 2 * args.vocab_size * args.dim
 
 
-def benchmark(shape: str, peers: list[str], device: str, opts, limits: dict) -> dict:
+def benchmark(shape: str, peers: list[str], device: str, opts, limits: dict, save) -> dict:
+    """Each peer's row as it comes (save is called with the rows so far: a run cut short keeps them)."""
     params = layer_parameters(shape)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +137,7 @@ def benchmark(shape: str, peers: list[str], device: str, opts, limits: dict) -> 
             workloads = [w for w in opts.workloads.split(",") if w in ONLY.get(peer, WORKLOADS)]
             try:
                 runs = [run_peer(peer, paths[peer], workloads, opts, device) for _ in range(opts.rounds)]
-            except RuntimeError as e:  # one peer's failure is a finding, not the end of the check
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # one peer's failure is a finding
                 rows[peer] = {"error": str(e)[-2000:]}
                 print(f"{shape} {peer}: {str(e)[-2000:]}")
                 continue
@@ -147,13 +151,19 @@ def benchmark(shape: str, peers: list[str], device: str, opts, limits: dict) -> 
                 row[f"{w}_gemm_fraction"] = 2 * params * row[w] / (limits["gemm_bf16_tflops"] * 1e12)
             rows[peer] = row
             print(f"{shape} {peer}: " + ", ".join(f"{w} {row[w]:.1f}" for w in workloads))
+            save({"layer_parameters": params, "peers": with_ratios(rows)})
+    return {"layer_parameters": params, "peers": with_ratios(rows)}
+
+
+def with_ratios(rows: dict) -> dict:
+    """Each of our rows with its tokens/s over transformers' in the same dtype, where both ran."""
     for ours in (p for p in rows if p.startswith("ours") and "error" not in rows[p]):
         dtype = "bf16" if "bf16" in ours else "fp16"
         if (hf := rows.get(f"hf-{dtype}")) is not None and "error" not in hf:
             rows[ours][f"ratio_vs_hf-{dtype}"] = {
                 w: rows[ours][w] / hf[w] for w in WORKLOADS if w in rows[ours] and w in hf
             }
-    return {"layer_parameters": params, "peers": rows}
+    return rows
 
 
 def print_table(result: dict) -> None:
@@ -190,7 +200,14 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=None, help="decode steps per workload (128 on a GPU)")
     ap.add_argument("--tests", default=None, help="pytest arguments (the whole suite on a GPU; '' skips)")
     ap.add_argument("--test_timeout", type=int, default=300)
+    ap.add_argument("--peer_timeout", type=int, default=300, help="seconds for one peer's process")
     ap.add_argument("--out", default="bench/results/device_check.json")
+    ap.add_argument(
+        "--part",
+        choices=("all", "tests", "bench"),
+        default="all",
+        help="tests: the suite alone; bench: the rest, keeping the tests of an earlier --part tests in --out",
+    )
     opts = ap.parse_args()
 
     import torch
@@ -205,24 +222,42 @@ def main() -> None:
     opts.threads = os.cpu_count()
     if not gpu:
         opts.workloads = ",".join(w for w in opts.workloads.split(",") if w != "prefill_2048")
-    if opts.tests is None:  # on a GPU the whole suite, over 8 processes where pytest-xdist is installed
-        parallel = "-n 8 " if gpu and importlib.util.find_spec("xdist") else ""
+    if opts.tests is None:  # on a GPU the whole suite, over most cores where pytest-xdist is installed
+        n = min(14, (os.cpu_count() or 1) - 2)
+        parallel = f"-n {n} " if gpu and n > 1 and importlib.util.find_spec("xdist") else ""
         opts.tests = f"{parallel}tests" if gpu else "tests/test_devices.py tests/test_compiled.py"
     tests = opts.tests
 
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(result: dict) -> None:  # after each step, so that a run stopped at a time limit keeps what it measured
+        out.write_text(json.dumps(result, indent=2))
+
     result = {"date": time.strftime("%Y-%m-%d"), "environment": environment(device), "new_tokens": opts.new_tokens}
     print(result["environment"])
-    result["tests"] = run_tests(tests.split(), opts.test_timeout) if tests else {"skipped_by_flag": True}
+    if opts.part == "bench":
+        earlier = json.loads(out.read_text()) if out.exists() else {}
+        result["tests"] = earlier.get("tests", {"skipped_by_flag": True})
+    else:
+        result["tests"] = run_tests(tests.split(), opts.test_timeout) if tests else {"skipped_by_flag": True}
     print(f"tests: {result['tests']}")
+    save(result)
+    failed = result["tests"].get("failed") or result["tests"].get("exit_code") not in (0, None)
+    if opts.part == "tests":
+        print(f"wrote {out}")
+        sys.exit(1 if failed else 0)
     result["limits"] = ceilings(device, not gpu)
     if gpu:
         torch.cuda.empty_cache()  # the probes' memory back to the card, for the peers' processes
-    result["shapes"] = {shape: benchmark(shape, peers, device, opts, result["limits"])}
+    result["shapes"] = {}
+    save(result)
+    result["shapes"][shape] = benchmark(
+        shape, peers, device, opts, result["limits"], lambda rows: save(result | {"shapes": {shape: rows}})
+    )
+    save(result)
     print_table(result)
-    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {opts.out}")
-    failed = result["tests"].get("failed") or result["tests"].get("exit_code") not in (0, None)
+    print(f"wrote {out}")
     sys.exit(1 if failed else 0)
 
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -487,7 +488,9 @@ def device_check_paragraphs(result: dict) -> list[str]:
         f"({limits['copy_gbs']:.0f} GB/s measured; its bf16 GEMM ran at {limits['gemm_bf16_tflops']:.1f} TFLOP/s)."
     )
     counts = ", ".join(f"{tests[k]} {k}" for k in ("passed", "failed", "skipped") if k in tests)
-    findings = [f"Tests: {counts or 'not run'}." + "".join(f" Failed: {f}." for f in tests.get("failures", []))]
+    files = Counter(f.split("::", 1)[0].removeprefix("tests.") for f in tests.get("failures", []))
+    failed = ", ".join(f"{name} {n}" for name, n in files.most_common())
+    findings = [f"Tests: {counts or 'not run'}" + (f" (failures by file: {failed})." if failed else ".")]
     peers = next(iter(result["shapes"].values()))["peers"]
     for ours, row in peers.items():
         for key, ratios in ((k, v) for k, v in row.items() if k.startswith("ratio_vs_")):
@@ -503,7 +506,7 @@ def device_check_paragraphs(result: dict) -> list[str]:
             + ", ".join(f"{compiled[w + '_warmup_s']:.0f} s at {GPU_WORKLOADS[w]}" for w in ws)
             + "."
         )
-    return [method, *findings]
+    return [method, *result.get("notes", []), *findings]
 
 
 def tables(name: str, result: dict) -> str:

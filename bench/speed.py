@@ -171,7 +171,7 @@ def run_peer(peer: str, path: str, workloads: list[str], opts, device: str = "cp
         str(opts.threads),
         device,
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=getattr(opts, "peer_timeout", None))
     if r.returncode:
         raise RuntimeError(f"{peer} failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

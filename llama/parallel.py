@@ -41,7 +41,13 @@ def local_device() -> torch.device:
     """This process's device under torchrun: its GPU (LOCAL_RANK) where there are GPUs, else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+    gpus, here = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if here > gpus:  # every rank on this machine says so, rank 0 included
+        raise ValueError(
+            f"torchrun started {here} processes on this machine but it has {gpus} CUDA device(s): start at most "
+            f"{gpus} (--nproc_per_node), or pass device='cpu' (--device cpu) to run the processes on the CPU"
+        )
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % gpus)))
     torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     return device
 

@@ -205,7 +205,7 @@ def llm(make_ckpt):
     from llama import LLaMa
 
     folder, _ = make_ckpt(GQA, 2)
-    return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
+    return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", device="cpu", seed=7)
 
 
 @pytest.fixture
@@ -214,7 +214,7 @@ def llm3(make_ckpt, tiktoken_path):
     from llama import LLaMa
 
     folder, _ = make_ckpt(LLAMA3, 2, tokenizer=tiktoken_path, vocab_parallel_embedding=True)
-    return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
+    return LLaMa.build(folder, max_seq_len=48, max_batch_size=4, dtype="float32", device="cpu", seed=7)
 
 
 def scripted(llm, rows: list[list[int]]) -> None:

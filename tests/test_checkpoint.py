@@ -14,7 +14,7 @@ from llama.model import ModelArgs, Transformer
 
 
 def loaded_state(folder, **kw) -> dict[str, torch.Tensor]:
-    llm = LLaMa.build(folder, max_seq_len=16, max_batch_size=1, dtype="float32", **kw)
+    llm = LLaMa.build(folder, max_seq_len=16, max_batch_size=1, dtype="float32", device="cpu", **kw)
     return llm.model.state_dict()
 
 
@@ -38,7 +38,7 @@ def test_merged_shards_equal_unsharded_weights(make_ckpt, params, n_shards, kw):
 
 def test_shards_convert_to_the_target_dtype(make_ckpt):
     folder, sd = make_ckpt(GQA, 2)
-    llm = LLaMa.build(folder, max_seq_len=16, max_batch_size=1, dtype="bf16")
+    llm = LLaMa.build(folder, max_seq_len=16, max_batch_size=1, dtype="bf16", device="cpu")
     for key, value in llm.model.state_dict().items():
         assert value.dtype == torch.bfloat16
         assert torch.equal(value, sd[key].to(torch.bfloat16)), key

@@ -360,7 +360,8 @@ def test_a_missing_optional_package_names_the_extra(make_ckpt, tiktoken_path, tm
     (tmp_path / "absent" / module).mkdir(parents=True)
     (tmp_path / "absent" / module / "__init__.py").write_text("raise ImportError('not installed')\n")
     folder, _ = make_ckpt(LLAMA3, 1, tokenizer=tiktoken_path)  # Llama 3's tokenizer needs tokenizers for HF
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "absent"), str(REPO)]))
+    path = [str(tmp_path / "absent"), str(REPO), os.environ.get("PYTHONPATH")]  # (a machine's own path kept)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     run = [sys.executable, "-m", *command.split(), str(folder), str(tmp_path / "out")]
     r = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr

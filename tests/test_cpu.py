@@ -103,8 +103,8 @@ def test_one_query_attention_kernel_against_float64(heads, kv_heads, head_dim, p
 @needs_kernels
 def test_bf16_build_runs_the_kernels_close_to_metas_modules(make_ckpt):
     folder, _ = make_ckpt(GQA, 2)
-    plain = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16")
-    fast = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16")
+    plain = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16", device="cpu")
+    fast = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16", device="cpu")
     assert sum(isinstance(m, KernelRMSNorm) for m in fast.model.modules()) == 2 * GQA["n_layers"] + 1
     assert sum(isinstance(m, KernelAttention) for m in fast.model.modules()) == GQA["n_layers"]
     # per layer 7 linears, the attention and 2 norms; then the output and the final norm
@@ -126,7 +126,7 @@ def test_bf16_build_runs_the_kernels_close_to_metas_modules(make_ckpt):
 def test_gradients_flow_through_a_built_model(make_ckpt):
     """The kernels have no backward: where autograd needs one, PyTorch's operators run instead."""
     folder, _ = make_ckpt(GQA, 1)
-    llm = LLaMa.build(folder, max_seq_len=16, max_batch_size=1, dtype="bfloat16")
+    llm = LLaMa.build(folder, max_seq_len=16, max_batch_size=1, dtype="bfloat16", device="cpu")
     weight = llm.model.layers[0].feed_forward.w1.weight.requires_grad_(True)
     llm.model(torch.tensor([[1, 2, 3]]), 0)
     llm.model(torch.tensor([[4]]), 3).sum().backward()  # a decode step, every kernel's case
@@ -168,8 +168,8 @@ def test_kernel_builds_from_source_into_an_empty_cache(tmp_path):
 def test_fallback_and_packed_linears_give_f_linear_numbers_and_state_dict(make_ckpt, pack, monkeypatch):
     monkeypatch.setattr(cpu, "compiled_kernels", lambda: None)  # as on a CPU without AVX-512 BF16
     folder, _ = make_ckpt(GQA, 2)
-    plain = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16")
-    fast = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16", pack=pack)
+    plain = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16", device="cpu")
+    fast = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16", device="cpu", pack=pack)
     assert not any(isinstance(m, (KernelRMSNorm, KernelAttention)) for m in fast.model.modules())
     kind = PackedLinear if pack else GemvLinear
     assert sum(isinstance(m, kind) for m in fast.model.modules()) == 7 * GQA["n_layers"] + 1

@@ -98,11 +98,13 @@ def test_logprobs_score_each_token_given_the_tokens_before_it(llm):
 
 def test_prompt_only_scoring_is_not_off_by_one(make_ckpt):
     folder, _ = make_ckpt(MHA, 1)
-    llm = LLaMa.build(folder, max_seq_len=6, max_batch_size=2, dtype="float32")
+    llm = LLaMa.build(folder, max_seq_len=6, max_batch_size=2, dtype="float32", device="cpu")
     prompts = [[1, 10, 20, 30, 40, 50], [1, 11, 21, 31, 41, 51]]  # fill max_seq_len: nothing to generate
     out, lps = llm.generate(prompts, 4, logprobs=True, echo=True)
     assert out == prompts
-    logp = torch.log_softmax(LLaMa.build(folder, max_seq_len=6, dtype="float32").model(torch.tensor(prompts), 0), -1)
+    logp = torch.log_softmax(
+        LLaMa.build(folder, max_seq_len=6, dtype="float32", device="cpu").model(torch.tensor(prompts), 0), -1
+    )
     for b, toks in enumerate(prompts):
         expected = [0.0] + [logp[b, i - 1, toks[i]].item() for i in range(1, 6)]
         assert lps[b] == pytest.approx(expected, abs=1e-5)
@@ -185,7 +187,7 @@ def test_random_weights_from_a_preset_without_a_checkpoint(sp_model_path, tmp_pa
     assert llama.loading.preset_args("llama-2-7b").dim == 4096
     monkeypatch.setattr(llama.loading, "PRESETS_DIR", tmp_path)  # a 7B is too big for a unit test
     (tmp_path / "tiny.json").write_text('{"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": -1}')
-    llm = LLaMa.build("tiny", tokenizer_path=sp_model_path, load_model=False, max_seq_len=4)
+    llm = LLaMa.build("tiny", tokenizer_path=sp_model_path, load_model=False, max_seq_len=4, device="cpu")
     assert llm.model.params.dim == 32 and llm.model.vocab_size == 96
     assert len(llm.generate([[1, 2]], 2, temperature=0)[0][0]) == 2
     monkeypatch.undo()

@@ -106,11 +106,13 @@ def test_pack_and_quantize_flags_reach_the_build(folder):
         "0",
         "--dtype",
         "bfloat16",
+        "--device",
+        "cpu",
     )
     plain, packed, int8 = run(*common), run(*common, "--pack"), run(*common, "--quantize", "int8")
     assert plain.returncode == packed.returncode == int8.returncode == 0, plain.stderr + packed.stderr + int8.stderr
     assert packed.stdout == plain.stdout  # the same numbers in another layout
-    _, texts = LLaMa.build(folder, max_seq_len=64, dtype="bfloat16", quantize="int8").text_completion(
+    _, texts = LLaMa.build(folder, max_seq_len=64, dtype="bfloat16", device="cpu", quantize="int8").text_completion(
         ["the king"], max_gen_len=6, temperature=0
     )
     assert f"the king\n> {texts[0]}\n" in int8.stdout

@@ -55,8 +55,10 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str, build: dict
         except (ValueError, FileNotFoundError) as e:  # what the CLI prints as its one-line error
             result = {"error": str(e)}
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # past gloo's teardown at interpreter exit, which can abort (as inference.py does)
 
 
 def run_rank(folder: str, build: dict) -> dict:
@@ -116,6 +118,20 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(make_ckpt, tmp_pa
     assert ranks[1]["error"].startswith("no tokenizer model at")
 
 
+def test_more_processes_than_gpus_are_refused_on_every_rank(monkeypatch):
+    """As on a 1-GPU machine under torchrun --nproc_per_node 2 (seen on an H200: rank 1 asked for
+    cuda:1 and died in CUDA). The check runs before any CUDA call, so it is reached here without one."""
+    from llama.parallel import local_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(ValueError, match=r"started 2 processes on this machine but it has 1 CUDA .*--device cpu"):
+            local_device()
+
+
 def test_quantize_and_random_weights_stay_single_process(make_ckpt, tmp_path):
     folder, _ = make_ckpt(MHA, 1)
     ranks = spawn(2, folder, tmp_path, quantize="int8")
@@ -125,7 +141,7 @@ def test_quantize_and_random_weights_stay_single_process(make_ckpt, tmp_path):
 def test_the_cli_under_torchrun_prints_and_writes_once(make_ckpt, tmp_path):
     folder, _ = make_ckpt(GQA, 2)
     args = ["--ckpt_dir", str(folder), "--prompt", "the king", "--prompt", "war", "--temperature", "0"]
-    args += ["--max_gen_len", "6", "--max_seq_len", "64", "--dtype", "float32"]
+    args += ["--max_gen_len", "6", "--max_seq_len", "64", "--dtype", "float32", "--device", "cpu"]
     torchrun = torchrun_command(2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run(
@@ -152,7 +168,7 @@ def test_the_cli_under_torchrun_prints_and_writes_once(make_ckpt, tmp_path):
 def test_the_chat_under_torchrun_reads_once_and_answers_as_one_process(make_ckpt):
     folder, _ = make_ckpt(GQA, 2)
     args = ["chat", "--ckpt_dir", str(folder), "--max_gen_len", "6", "--temperature", "0", "--max_seq_len", "64"]
-    args += ["--dtype", "float32"]
+    args += ["--dtype", "float32", "--device", "cpu"]
     torchrun = torchrun_command(2)
     talk = "the king\nand the queen\n/exit\n"
     env = dict(os.environ, OMP_NUM_THREADS="1")

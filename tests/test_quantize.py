@@ -17,8 +17,8 @@ from llama.quantize import make_quantized, save_quantized
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_model_stays_close_and_saves_once(make_ckpt, tmp_path, scheme):
     folder, _ = make_ckpt(dict(GQA, multiple_of=64), 2)  # FFN 256: int4's groups of 32 divide it
-    base = LLaMa.build(folder, max_seq_len=32, dtype="float32")
-    quant = LLaMa.build(folder, max_seq_len=32, dtype="float32", quantize=scheme)
+    base = LLaMa.build(folder, max_seq_len=32, dtype="float32", device="cpu")
+    quant = LLaMa.build(folder, max_seq_len=32, dtype="float32", device="cpu", quantize=scheme)
     assert not any(isinstance(m, torch.nn.Linear) for m in quant.model.modules())
     x = torch.tensor([[1, 5, 9, 14, 3, 40, 22, 7]])
     ref, got = base.model(x, 0), quant.model(x, 0)
@@ -26,7 +26,7 @@ def test_quantized_model_stays_close_and_saves_once(make_ckpt, tmp_path, scheme)
     # random gaussian weights are the worst case for 4 bits (about 8% error per weight)
     assert rel < (0.02 if scheme == "int8" else 0.25), rel
     out = save_quantized(quant.model, tmp_path / "q", folder / "tokenizer.model")
-    again = LLaMa.build(out, max_seq_len=32, dtype="float32")
+    again = LLaMa.build(out, max_seq_len=32, dtype="float32", device="cpu")
     torch.testing.assert_close(again.model(x, 0), got)
     assert again.generate([[1, 2, 3]], 5, temperature=0) == quant.generate([[1, 2, 3]], 5, temperature=0)
     with pytest.raises(ValueError, match="already quantized"):
@@ -38,7 +38,7 @@ def test_quantized_bf16_batches_decode(make_ckpt, scheme):
     """Generation projects the last position of each row, a strided [B, dim] view: every kernel
     path (up to 4 rows, more) takes it and gives what a contiguous copy gives."""
     folder, _ = make_ckpt(dict(GQA, multiple_of=64), 1)
-    llm = LLaMa.build(folder, max_seq_len=32, max_batch_size=5, dtype="bfloat16", quantize=scheme)
+    llm = LLaMa.build(folder, max_seq_len=32, max_batch_size=5, dtype="bfloat16", device="cpu", quantize=scheme)
     x = torch.randint(3, GQA["vocab_size"], (5, 6), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for rows in (3, 5):
