@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from contextlib import nullcontext, suppress
 from pathlib import Path
 
@@ -70,12 +71,16 @@ def complete(
     quantize: str | None = None,
     pack: bool = False,
     compile: bool = False,
+    meta_schedule: bool = False,
     verbose: bool = False,
 ) -> None:
     """Complete prompts (repeat --prompt, or --prompts_file) with a Meta checkpoint folder
     (--ckpt_dir; the built-in model when omitted). Prints each completion, streaming it when
-    stdout is a terminal (--stream to force either way), or writes JSONL to --out. --compile
-    (CUDA) runs decode steps as CUDA graphs.
+    stdout is a terminal (--stream to force either way), or writes JSONL to --out. A prompts
+    file runs by continuous batching (a prompt takes a row's place as soon as it ends; greedy
+    output is each prompt's run alone), with a progress bar on a terminal; --meta_schedule runs
+    it in batches of --max_batch_size in file order, as Meta's code does (the same samples as
+    --prompt). --compile (CUDA) runs Meta's schedule's decode steps as CUDA graphs.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
@@ -100,6 +105,10 @@ def complete(
         repetition_penalty=repetition_penalty,
         stop=stop,
     )
+    if prompts_file and not meta_schedule and not stream:
+        with open(out, "w", encoding="utf-8") if out and RANK == 0 else nullcontext() as sink:
+            write_many(prompts, llm.complete_many(prompts, **options), sink, quiet=bool(out))
+        return
     stream = sys.stdout.isatty() if stream is None else stream
     batches = [prompts[i : i + max_batch_size] for i in range(0, len(prompts), max_batch_size)]
     show = len(batches) > 1 and not stream
@@ -117,6 +126,22 @@ def complete(
 
 
 SEPARATOR = "\n\n==================================\n"
+
+
+def write_many(prompts: list[str], completions, sink, quiet: bool) -> None:
+    """Each completion, in prompt order, as JSONL to sink or printed (unless quiet); on a terminal,
+    a progress bar of prompts done and new tokens per second."""
+    bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", disable=None if RANK == 0 else True)
+    start, new_tokens = time.perf_counter(), 0
+    with bar:
+        for p, done in zip(prompts, completions):
+            if sink:
+                sink.write(json.dumps({"prompt": p, "completion": done.text, "tokens": done.tokens}) + "\n")
+            elif not quiet:
+                tqdm.write(f"{p}\n> {done.text}{SEPARATOR}")
+            new_tokens += len(done.tokens)
+            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.1f} tokens/s", refresh=False)
+            bar.update()
 
 
 def print_streamed(prompts: list[str], events) -> None:

@@ -111,6 +111,14 @@ class GroupedQueryAttention(Attention):
         output = torch.matmul(F.softmax(scores, dim=-1), values.float())
         return output.type_as(xq).view(bsz, self.n_heads, 1, self.head_dim)
 
+    def attend_rows(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
+        """Each row alone, through attend: the numbers of its own decode step, not a masked batch's."""
+        rows = [
+            self.attend(xq[b : b + 1], keys[b : b + 1, :, :n], values[b : b + 1, :, :n], None)
+            for b, n in enumerate(lengths.tolist())
+        ]
+        return torch.cat(rows)
+
 
 class KernelAttention(GroupedQueryAttention):
     """Attention whose bf16 RoPE, and the attention of a decode step, run in one kernel call each."""
@@ -125,6 +133,11 @@ class KernelAttention(GroupedQueryAttention):
         if xq.shape[2] != 1 or mask is not None or not fits or not kernel_can_run(xq, keys, values):
             return super().attend(xq, keys, values, mask)
         return torch.ops.llama_cpu.attend_one_bf16(xq, keys, values)
+
+    def attend_rows(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
+        if not (self.head_dim % 16 == 0 and self.head_dim <= 128 and kernel_can_run(xq, keys, values)):
+            return super().attend_rows(xq, keys, values, lengths)
+        return torch.ops.llama_cpu.attend_one_bf16(xq, keys, values, lengths)  # the same numbers, in one call
 
 
 def use_cpu_modules(model: Transformer, pack: bool = False) -> None:

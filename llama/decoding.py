@@ -192,20 +192,25 @@ class Outputs:
     def events(self, steps: Iterator[Step]) -> Iterator[StreamEvent]:
         """Take steps until every row has ended, yielding each row's new text (with text wanted)."""
         for step in steps:
-            yield from self._add(step)
+            yield from self.add(step)
             if None not in self.stop_reasons:
                 break
-        for b, reason in enumerate(self.stop_reasons):  # rows cut by max_seq_len
-            if reason is None:
-                self.stop_reasons[b] = "out_of_tokens"
-                if self.row_texts is not None:
-                    yield StreamEvent(b, self.row_texts[b].finish(), True, "out_of_tokens")
+        yield from self.cut()
 
     def consume(self, steps: Iterator[Step]) -> None:
         for _ in self.events(steps):
             pass
 
-    def _add(self, step: Step) -> Iterator[StreamEvent]:
+    def cut(self) -> Iterator[StreamEvent]:
+        """End the rows still going: the cache (max_seq_len) is full."""
+        for b, reason in enumerate(self.stop_reasons):
+            if reason is None:
+                self.stop_reasons[b] = "out_of_tokens"
+                if self.row_texts is not None:
+                    yield StreamEvent(b, self.row_texts[b].finish(), True, "out_of_tokens")
+
+    def add(self, step: Step) -> Iterator[StreamEvent]:
+        """One step's tokens (and logprobs) for the rows not ended yet."""
         for b, token in enumerate(step.tokens):
             if self.stop_reasons[b] is not None:
                 continue

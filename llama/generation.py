@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from llama.batching import Completion, Scheduler
 from llama.chat import UNSAFE_ERROR, Dialog, check_dialog, encode_dialog, has_special_tags
 from llama.compiled import StaticDecode
 from llama.cpu import onednn_bf16, use_cpu_modules
@@ -237,6 +238,50 @@ class LLaMa:
         self._claim()  # from now until the stream is exhausted or closed
         return _Stream(outputs.events(self._steps(prompt_tokens, max_gen_len, sampler)), self._generating.release)
 
+    def complete_many(
+        self,
+        prompts: Sequence[str] | Sequence[list[int]],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | Sequence[int] | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        *,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
+    ) -> Iterator[Completion]:
+        """Complete any number of prompts (strings, or token id lists), max_batch_size at a time by
+        continuous batching (see llama.batching): a prompt takes the cache slot of a row as soon as
+        that row ends. Yields Completion(tokens, text, logprobs, stop_reason) per prompt, in prompt
+        order, each as text_completion's row for it would be. max_gen_len may be one per prompt.
+        Greedy ids equal the prompt's run alone; sampled rows draw in another order than Meta's
+        schedule (text_completion's), so their tokens differ from it. Every prompt is checked
+        before the first step."""
+        is_ids = bool(prompts) and not isinstance(prompts, str) and all(isinstance(p, list) for p in prompts)
+        prompt_tokens = list(prompts) if is_ids else self._encode_prompts(prompts)
+        if isinstance(max_gen_len, (list, tuple)):
+            if len(max_gen_len) != len(prompt_tokens):
+                raise ValueError(
+                    f"max_gen_len holds {len(max_gen_len)} values for {len(prompt_tokens)} prompts: give one per "
+                    "prompt, or one int for all"
+                )
+            self._check_prompts(prompt_tokens, None, one_batch=False)
+            budgets = []
+            for i, (t, n) in enumerate(zip(prompt_tokens, max_gen_len)):
+                try:
+                    budgets.append(self._check_prompts([t], n, one_batch=False))
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}'s {e}") from None
+        else:
+            budgets = [self._check_prompts(prompt_tokens, max_gen_len, one_batch=False)] * len(prompt_tokens)
+        sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
+        self._outputs(prompt_tokens[:1], stop, want_text=False)  # stop checked now, not at the first row
+        scheduler = Scheduler(self, sampler, logprobs, echo, stop)
+        work = ((i, t, n) for i, (t, n) in enumerate(zip(prompt_tokens, budgets)))
+        self._claim()
+        return _Stream(_in_order(scheduler.run(work)), self._generating.release)
+
     def _complete(self, prompt_tokens, max_gen_len, sampler, logprobs, echo, stop) -> Completions:
         """Run (checked prompts) to the end; cut each row as Meta does (prompt unless echo, first stop id)."""
         outputs = self._outputs(prompt_tokens, stop, want_text=False)
@@ -286,15 +331,16 @@ class LLaMa:
         stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         return Outputs(self.tokenizer, prompt_tokens, stop_ids, list(stop or []), want_text)
 
-    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int | None) -> int:
+    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int | None, one_batch: bool = True) -> int:
         """Refuse, before any step, a batch that is not lists of the model's ids, does not fit the
-        cache or asks for nothing; returns max_gen_len (None: up to max_seq_len - 1, Meta's default)."""
+        cache (one_batch: nor its max_batch_size) or asks for nothing; returns max_gen_len (None: up
+        to max_seq_len - 1, Meta's default)."""
         if not isinstance(prompt_tokens, list) or (prompt_tokens and all(_is_int(t) for t in prompt_tokens)):
             what = "one flat list of ids" if isinstance(prompt_tokens, list) else f"a {type(prompt_tokens).__name__}"
             raise ValueError(f"prompt_tokens is {what}: pass a list of id lists, one per prompt ([ids] for one)")
         if not prompt_tokens:
             raise ValueError("no prompts: pass at least one")
-        if len(prompt_tokens) > self.model.max_batch_size:
+        if one_batch and len(prompt_tokens) > self.model.max_batch_size:
             raise ValueError(
                 f"{len(prompt_tokens)} prompts but max_batch_size={self.model.max_batch_size}: pass fewer prompts "
                 "at a time or build with a larger max_batch_size"
@@ -339,9 +385,19 @@ class LLaMa:
         return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
 
+def _in_order(done: Iterator[tuple[int, Completion]]) -> Iterator[Completion]:
+    """The completions of prompts 0, 1, 2, ... from (index, completion) pairs in any order."""
+    held, upto = {}, 0
+    for index, completion in done:
+        held[index] = completion
+        while upto in held:
+            yield held.pop(upto)
+            upto += 1
+
+
 class _Stream:
-    """LLaMa.stream's iterator of StreamEvents: it holds the LLaMa (its KV cache) from the call until
-    it is exhausted, raises, or is closed (or dropped)."""
+    """LLaMa.stream's iterator of StreamEvents (complete_many's, of Completions): it holds the LLaMa
+    (its KV cache) from the call until it is exhausted, raises, or is closed (or dropped)."""
 
     def __init__(self, events: Iterator[StreamEvent], release):
         self._events, self._release = events, release
@@ -349,7 +405,7 @@ class _Stream:
     def __iter__(self) -> "_Stream":
         return self
 
-    def __next__(self) -> StreamEvent:
+    def __next__(self) -> StreamEvent | Completion:
         if self._release is None:
             raise StopIteration
         try:

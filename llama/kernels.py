@@ -87,7 +87,7 @@ def _register_fakes() -> None:
     fake("llama_cpu::mm_int4")(lambda x, w, out_features, group_size: x.new_empty(*x.shape[:-1], out_features))
     fake("llama_cpu::rms_norm_bf16")(lambda x, w, eps: torch.empty_like(x))
     fake("llama_cpu::rope_bf16")(lambda q, k, freqs: (torch.empty_like(q), torch.empty_like(k)))
-    fake("llama_cpu::attend_one_bf16")(lambda q, keys, values: q.new_empty(q.shape))
+    fake("llama_cpu::attend_one_bf16")(lambda q, keys, values, lengths=None: q.new_empty(q.shape))
 
 
 def kernel_can_run(x: torch.Tensor, *params: torch.Tensor) -> bool:

@@ -244,6 +244,12 @@ class Attention(nn.Module):
     def rotate(self, xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary_emb(xq, xk, freqs_cis)
 
+    def attend_rows(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
+        """A decode step's attention, row b over its first lengths[b] positions alone: xq [B, H, 1, D],
+        keys and values [B, Hkv, S, D], lengths [B] (continuous batching: rows at their own positions)."""
+        visible = torch.arange(keys.shape[2], device=keys.device) < lengths[:, None]
+        return self.attend(xq, keys, values, visible[:, None, None])
+
     def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
         """softmax(q k^T / sqrt(D) + mask) v: [B, H, T, D] over keys and values [B, Hkv, S, D]."""
         # each group of n_heads / n_kv_heads query heads shares one kv head (GQA)

@@ -101,6 +101,23 @@ def test_one_query_attention_kernel_against_float64(heads, kv_heads, head_dim, p
 
 
 @needs_kernels
+def test_one_query_attention_with_a_length_per_row_is_each_row_alone():
+    """Continuous batching's rows sit at their own positions: with lengths, row b's output is
+    bit for bit what the kernel gives for that row over its first lengths[b] positions."""
+    gen = torch.Generator().manual_seed(0)
+    cache_k = torch.randn(4, 2, 64, 64, generator=gen).to(torch.bfloat16)
+    cache_v = torch.randn(4, 2, 64, 64, generator=gen).to(torch.bfloat16)
+    q = torch.randn(4, 1, 8, 64, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    lengths = [5, 40, 1, 17]
+    got = torch.ops.llama_cpu.attend_one_bf16(q, cache_k[:, :, :40], cache_v[:, :, :40], torch.tensor(lengths))
+    for b, n in enumerate(lengths):
+        alone = torch.ops.llama_cpu.attend_one_bf16(q[b : b + 1], cache_k[b : b + 1, :, :n], cache_v[b : b + 1, :, :n])
+        assert torch.equal(got[b : b + 1], alone), b
+    with pytest.raises(RuntimeError, match="outside 1..S"):
+        torch.ops.llama_cpu.attend_one_bf16(q, cache_k[:, :, :40], cache_v[:, :, :40], torch.tensor([5, 41, 1, 1]))
+
+
+@needs_kernels
 def test_bf16_build_runs_the_kernels_close_to_metas_modules(make_ckpt):
     folder, _ = make_ckpt(GQA, 2)
     plain = LLaMa.build(folder, max_seq_len=32, max_batch_size=3, dtype="bfloat16", device="cpu")

@@ -217,13 +217,25 @@ constexpr AttendHead attend_heads[] = {attend_head<1>, attend_head<2>, attend_he
                                        attend_head<5>, attend_head<6>, attend_head<7>, attend_head<8>};
 
 // q [B, H, 1, D]; keys, values [B, Hkv, S, D] (views of the cache: any strides but D's); out [B, H, 1, D].
-// D a multiple of 16, at most 128.
-at::Tensor attend_one_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values) {
+// D a multiple of 16, at most 128. lengths [B] (int64, optional): row b attends to its first lengths[b]
+// positions alone, computing what it would over keys[b, :, :lengths[b]] (rows at their own positions).
+at::Tensor attend_one_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                           const std::optional<at::Tensor>& lengths) {
   int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = keys.size(1), S = keys.size(2);
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
               values.scalar_type() == at::kBFloat16 && q.size(2) == 1 && H % Hkv == 0 && keys.stride(3) == 1 &&
               values.stride(3) == 1 && q.stride(3) == 1 && keys.sizes() == values.sizes() && S >= 1 &&
               D % 16 == 0 && D <= 128, "attend_one_bf16: bad layout");
+  std::vector<int64_t> len(B, S);
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == B &&
+                    lengths->is_contiguous(), "attend_one_bf16: lengths is one int64 per row");
+    const int64_t* lp = lengths->data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; b++) {
+      TORCH_CHECK(lp[b] >= 1 && lp[b] <= S, "attend_one_bf16: a row's length is outside 1..S");
+      len[b] = lp[b];
+    }
+  }
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
   auto qp = q.data_ptr<c10::BFloat16>(), kp = keys.data_ptr<c10::BFloat16>(), vp = values.data_ptr<c10::BFloat16>();
   auto op = out.data_ptr<c10::BFloat16>();
@@ -234,8 +246,8 @@ at::Tensor attend_one_bf16(const at::Tensor& q, const at::Tensor& keys, const at
     std::vector<float> p((S + 15) / 16 * 16);
     for (int64_t bh = begin; bh < end; bh++) {
       int64_t b = bh / H, h = bh % H;
-      head(qp + b * qb + h * qh, kp + b * kb + h / group * kh, vp + b * vb + h / group * vh, S, ks, vs, p.data(),
-           op + bh * D);
+      head(qp + b * qb + h * qh, kp + b * kb + h / group * kh, vp + b * vb + h / group * vh, len[b], ks, vs,
+           p.data(), op + bh * D);
     }
   });
   return out;
@@ -450,7 +462,7 @@ TORCH_LIBRARY(llama_cpu, m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("rms_norm_bf16(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_bf16(Tensor q, Tensor k, Tensor freqs) -> (Tensor, Tensor)");
-  m.def("attend_one_bf16(Tensor q, Tensor keys, Tensor values) -> Tensor");
+  m.def("attend_one_bf16(Tensor q, Tensor keys, Tensor values, Tensor? lengths=None) -> Tensor");
   m.def("mm_int8(Tensor x, Tensor w, int out_features) -> Tensor");
   m.def("mm_int4(Tensor x, Tensor w, int out_features, int group_size) -> Tensor");
 }
