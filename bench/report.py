@@ -44,6 +44,7 @@ COMMANDS = {
     "load_memory.json": "python bench/load_memory.py",
     "quantize.json": "python bench/quantize.py",
     "parallel.json": "python bench/parallel.py --shapes 110m --worlds 1,2",
+    "throughput.json": "python bench/throughput.py",
     "device_check.json": "python bench/device_check.py",
 }
 # The comparisons shown: each of ours against the peer of the same kind, in this order.
@@ -455,6 +456,50 @@ def parallel_paragraphs(result: dict) -> list[str]:
     return [method, *findings]
 
 
+# --- throughput.py results ---------------------------------------------------------------------------------------
+
+THROUGHPUT_PEERS = {
+    "ours": "ours, continuous batching (`complete_many`)",
+    "ours-meta": "ours, Meta's schedule (`--meta_schedule`)",
+    "hf": "transformers, padded batches",
+    "llamacpp": "llama.cpp, batched API",
+}
+
+
+def throughput_table(result: dict) -> str:
+    rows = []
+    for peer, row in result["peers"].items():
+        same = f"{row['same_ids_as_ours']}/{result['prompts']}" if "same_ids_as_ours" in row else "-"
+        rows.append([THROUGHPUT_PEERS.get(peer, peer), f"{row['tokens_per_s']:.1f}", f"{row['seconds']:.0f}", same])
+    return md_table(["peer", "new tokens/s", "seconds", "greedy ids equal to ours"], rows)
+
+
+def throughput_paragraphs(result: dict) -> list[str]:
+    (lo, hi), (nlo, nhi) = result["ranges"]["prompt"], result["ranges"]["new"]
+    method = (
+        f"The batch completion script's workload on the `{result['shape']}` shape: {result['prompts']} prompts of "
+        f"{lo} to {hi} tokens ({result['prompt_tokens']} in all), each with its own number of new tokens, {nlo} to "
+        f"{nhi} ({result['new_tokens']} in all), greedy, bf16 (llama.cpp: F16), {result['slots']} rows at a time, "
+        f"{result['threads']} threads. New tokens/s counts the tokens asked for over the whole run after loading; "
+        "a padded batch's extra tokens are waste. Each peer in its own process, one run."
+    )
+    findings = []
+    ours = result["peers"].get("ours", {})
+    if "checked_alone" in ours:
+        findings.append(
+            f"Ours: greedy ids equal each prompt's run alone for {ours['equal_alone']} of the "
+            f"{ours['checked_alone']} prompts checked."
+        )
+    if "ours_vs_faster_peer" in result:
+        findings.append(
+            f"Ours against the faster of transformers and llama.cpp: {times(result['ours_vs_faster_peer'])}."
+        )
+    if "ours-meta" in result["peers"] and ours:
+        gain = ours["tokens_per_s"] / result["peers"]["ours-meta"]["tokens_per_s"]
+        findings.append(f"Continuous batching against Meta's schedule on the same model: {times(gain)}.")
+    return [method, *findings]
+
+
 # --- device_check.py results -------------------------------------------------------------------------------------
 
 GPU_WORKLOADS = {**WORKLOADS, "prefill_2048": "prefill 2048"}
@@ -515,6 +560,8 @@ def tables(name: str, result: dict) -> str:
         return device_check_table(result)
     if name.startswith("parallel"):
         return parallel_table(result)
+    if name.startswith("throughput"):
+        return throughput_table(result)
     if "shapes" in result:
         return kernels_table(result) if "kernels" in next(iter(result["shapes"].values())) else speed_tables(result)
     return load_table(result) if "shards" in result["rows"][0] else quantize_table(result)
@@ -530,6 +577,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "load_memory.json": ("Load time and memory", load_paragraphs),
     "quantize.json": ("Quantization: quality and size", quantize_paragraphs),
     "parallel.json": ("More than one process: tensor parallel", parallel_paragraphs),
+    "throughput.json": ("Many prompts: the batch completion script's workload", throughput_paragraphs),
     "device_check.json": ("On a GPU", device_check_paragraphs),
 }
 NO_GPU_RUN = (

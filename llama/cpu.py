@@ -23,9 +23,10 @@ from llama.kernels import compiled_kernels, kernel_can_run
 from llama.model import Attention, RMSNorm, Transformer
 from llama.runtime import file_mappings, release_mapped
 
-# Up to this many rows the compiled GEMV reads each weight once at the memory's speed; with more,
-# its dot-product instructions, not the memory, are the limit and oneDNN's GEMM is the better choice.
-GEMV_ROWS = 4
+# Up to this many rows (a decode step's batch) the compiled GEMV reads each weight once and uses it
+# for every row while it is in the L1 cache, each row's sums in the same order whatever the batch
+# (so a row's numbers are its own, alone or batched); longer inputs (prompts) go to oneDNN's GEMM.
+GEMV_ROWS = 32
 
 
 def onednn_bf16() -> bool:

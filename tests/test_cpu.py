@@ -49,16 +49,16 @@ def a_step_apart(got: torch.Tensor, expected: torch.Tensor) -> bool:
 def test_gemv_kernel_rounds_the_exact_product_and_rows_do_not_see_each_other(in_features):
     gen = torch.Generator().manual_seed(in_features)
     w = torch.randn(37, in_features, generator=gen).to(torch.bfloat16)
-    x = torch.randn(2, 2, in_features, generator=gen).to(torch.bfloat16)  # 4 rows, the most it takes
+    x = torch.randn(3, 11, in_features, generator=gen).to(torch.bfloat16)  # 33 rows: 8 groups of 4 and 1
     got = torch.ops.llama_cpu.gemv_bf16(x, w)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, 2, 37)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 11, 37)
     assert within_rounding(got, x.double() @ w.double().T)
-    rows = x.reshape(4, in_features)
-    for i in range(4):  # a row's result is the same alone or in any batch of up to 4
-        assert torch.equal(torch.ops.llama_cpu.gemv_bf16(rows[i : i + 1], w), got.reshape(4, 37)[i : i + 1])
-        assert torch.equal(torch.ops.llama_cpu.gemv_bf16(rows[: i + 1], w), got.reshape(4, 37)[: i + 1])
-    with pytest.raises(RuntimeError, match="1 to 4 rows"):
-        torch.ops.llama_cpu.gemv_bf16(torch.zeros(5, in_features, dtype=torch.bfloat16), w)
+    rows, got = x.reshape(33, in_features), got.reshape(33, 37)
+    for i in range(33):  # a row's result is the same alone or in any batch (a decode step's rows)
+        assert torch.equal(torch.ops.llama_cpu.gemv_bf16(rows[i : i + 1], w), got[i : i + 1])
+        assert torch.equal(torch.ops.llama_cpu.gemv_bf16(rows[: i + 1], w), got[: i + 1])
+    with pytest.raises(RuntimeError, match="no rows"):
+        torch.ops.llama_cpu.gemv_bf16(torch.zeros(0, in_features, dtype=torch.bfloat16), w)
 
 
 @needs_kernels

@@ -2,8 +2,8 @@
 // llama/kernels.py on AVX-512 BF16 CPUs). Each does in one call what the model's PyTorch code does in
 // several operators, in float32 with the bf16 roundings of the code it replaces (tests/test_cpu.py
 // bounds each against float64):
-// - gemv_bf16: x W^T for up to 4 rows and Meta's row-major weight, streaming W once at the memory's
-//   read speed; a row's result does not depend on the other rows in the batch.
+// - gemv_bf16: x W^T for a few rows (a decode step's batch) and Meta's row-major weight, streaming W
+//   once at the memory's read speed; a row's result does not depend on the other rows in the batch.
 // - rms_norm_bf16: RMSNorm, normalised in float32, rounded, then scaled by the weight.
 // - rope_bf16: the interleaved complex rotation of q and k.
 // - attend_one_bf16: softmax(q k^T / sqrt(D)) v for one new token over the cached positions.
@@ -32,55 +32,75 @@ at::Tensor rows_like(const at::Tensor& x, int64_t N) {
   return at::empty(sizes, x.options());
 }
 
-// U independent sums per row hide the latency of the dot-product instruction.
-template <int M, int U>
-void rows(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N, c10::BFloat16* y, int64_t begin, int64_t end) {
-  for (int64_t n = begin; n < end; n++) {
-    const uint16_t* wn = w + n * K;
-    __m512 acc[M][U];
-    for (int m = 0; m < M; m++)
-      for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 * U <= K; k += 32 * U)
-      for (int u = 0; u < U; u++) {
-        __m512bh wv = (__m512bh)_mm512_loadu_si512(wn + k + 32 * u);
-        for (int m = 0; m < M; m++)
-          acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * u));
-      }
-    for (; k < K; k += 32) {  // the tail, zero-padded by masked loads
-      __mmask32 mask = K - k >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << (K - k)) - 1);
-      __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wn + k);
-      for (int m = 0; m < M; m++)
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k));
+// A tile of MR rows of x (at most 4) by NR weight rows n..n+NR-1: each output's dot product is one
+// float32 sum over k in order, then one horizontal add; the same for every output whatever the tile
+// and batch sizes, so that a row's result never depends on how many rows share the call. A tile
+// loads NR weight and MR x vectors for MR * NR dot-product instructions.
+template <int MR, int NR>
+inline void dot_tile(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N, c10::BFloat16* y, int64_t n) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; m++)
+    for (int j = 0; j < NR; j++) acc[m][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[NR];
+    for (int j = 0; j < NR; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w + (n + j) * K + k);
+    for (int m = 0; m < MR; m++) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int j = 0; j < NR; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
     }
-    for (int m = 0; m < M; m++) {
-      __m512 s = acc[m][0];
-      for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[m][u]);
-      y[m * N + n] = c10::BFloat16(_mm512_reduce_add_ps(s));  // round to nearest even, as ATen does
+  }
+  if (k < K) {  // the last partial block, zero-padded by masked loads
+    __mmask32 mask = (__mmask32)((1u << (K - k)) - 1);
+    __m512bh wv[NR];
+    for (int j = 0; j < NR; j++) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (n + j) * K + k);
+    for (int m = 0; m < MR; m++) {
+      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
+      for (int j = 0; j < NR; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
     }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int j = 0; j < NR; j++)
+      y[m * N + n + j] = c10::BFloat16(_mm512_reduce_add_ps(acc[m][j]));  // round to nearest even, as ATen does
+}
+
+template <int NR>
+inline void tile(const uint16_t* x, int64_t rows, const uint16_t* w, int64_t K, int64_t N, c10::BFloat16* y,
+                 int64_t n) {
+  switch (rows) {
+    case 1: dot_tile<1, NR>(x, w, K, N, y, n); break;
+    case 2: dot_tile<2, NR>(x, w, K, N, y, n); break;
+    case 3: dot_tile<3, NR>(x, w, K, N, y, n); break;
+    default: dot_tile<4, NR>(x, w, K, N, y, n); break;
   }
 }
 
-template <int M>
-void run(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N, c10::BFloat16* y) {
-  constexpr int U = M <= 2 ? 4 : 2;
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { rows<M, U>(x, w, K, N, y, begin, end); });
+// Outputs begin..end for all M rows, a few outputs at a time: their weight rows are read from memory
+// once, then stay in the L1 cache while the rows of x go past them four at a time.
+template <int NR>
+void rows(const uint16_t* x, int64_t M, const uint16_t* w, int64_t K, int64_t N, c10::BFloat16* y, int64_t begin,
+          int64_t end) {
+  int64_t n = begin;
+  for (; n + NR <= end; n += NR)
+    for (int64_t m = 0; m < M; m += 4) tile<NR>(x + m * K, std::min<int64_t>(4, M - m), w, K, N, y + m * N, n);
+  for (; n < end; n++)  // the last few outputs, one at a time
+    for (int64_t m = 0; m < M; m += 4) tile<1>(x + m * K, std::min<int64_t>(4, M - m), w, K, N, y + m * N, n);
 }
 
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 tensors only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.dim() == 2 && x.size(-1) == w.size(1), "gemv_bf16: bad layout");
   int64_t K = w.size(1), N = w.size(0), M = K ? x.numel() / K : 0;
-  TORCH_CHECK(1 <= M && M <= 4, "gemv_bf16: 1 to 4 rows, got ", M);
+  TORCH_CHECK(M >= 1, "gemv_bf16: no rows");
   at::Tensor y = rows_like(x, N);
   auto xp = (const uint16_t*)x.data_ptr(), wp = (const uint16_t*)w.data_ptr();
   auto yp = y.data_ptr<c10::BFloat16>();
-  switch (M) {
-    case 1: run<1>(xp, wp, K, N, yp); break;
-    case 2: run<2>(xp, wp, K, N, yp); break;
-    case 3: run<3>(xp, wp, K, N, yp); break;
-    default: run<4>(xp, wp, K, N, yp); break;
-  }
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    if (M <= 2)  // more outputs at a time: enough independent sums to hide the instruction's latency
+      rows<8>(xp, M, wp, K, N, yp, begin, end);
+    else
+      rows<4>(xp, M, wp, K, N, yp, begin, end);
+  });
   return y;
 }
 
