@@ -41,10 +41,7 @@ def decode_rows(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, spa
     h = model.tok_embeddings(tokens)
     for layer in model.layers:
         a = layer.attention
-        x = layer.attention_norm(h)
-        xq = a.wq(x).view(bsz, 1, a.n_heads, a.head_dim)
-        xk = a.wk(x).view(bsz, 1, a.n_kv_heads, a.head_dim)
-        xv = a.wv(x).view(bsz, 1, a.n_kv_heads, a.head_dim)
+        xq, xk, xv = a.project(layer.attention_norm(h))
         # the rows as the positions of one sequence [1, B, H, D]: each rotated by its own position
         xq, xk = (t.transpose(0, 1) for t in a.rotate(xq.transpose(0, 1), xk.transpose(0, 1), freqs_cis))
         a.cache_k[rows, :, pos] = xk[:, 0]

@@ -61,10 +61,7 @@ class StaticDecode:
         h = m.tok_embeddings(tokens)
         for layer in m.layers:
             a = layer.attention
-            x = layer.attention_norm(h)
-            xq = a.wq(x).view(bsz, 1, a.n_heads, a.head_dim)
-            xk = a.wk(x).view(bsz, 1, a.n_kv_heads, a.head_dim)
-            xv = a.wv(x).view(bsz, 1, a.n_kv_heads, a.head_dim)
+            xq, xk, xv = a.project(layer.attention_norm(h))
             xq, xk = rotate(xq, cos, sin), rotate(xk, cos, sin)
             keys, values = a.cache_k[:bsz], a.cache_v[:bsz]  # [B, Hkv, S, D]
             keys.index_copy_(2, pos, xk.transpose(1, 2))

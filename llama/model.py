@@ -222,9 +222,7 @@ class Attention(nn.Module):
         self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk, xv = self.project(x)
         xq, xk = self.rotate(xq, xk, freqs_cis)
         # [B, T, H, D] -> [B, H, T, D], the layout attention and the cache use.
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
@@ -239,6 +237,14 @@ class Attention(nn.Module):
 
         output = self.attend(xq, keys, values, mask)
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] -> queries [B, T, H, D], keys and values [B, T, Hkv, D]."""
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        return xq, xk, xv
 
     # rotate and attend are where llama.cpu puts its bf16 kernels (as a subclass).
     def rotate(self, xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

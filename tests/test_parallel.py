@@ -74,6 +74,8 @@ def run_rank(folder: str, build: dict) -> dict:
         "steps": torch.cat(steps, dim=1),
         "greedy": llm.generate(PROMPTS, 8, temperature=0)[0],
         "sampled": llm.generate(PROMPTS, 8, temperature=1.0, top_p=0.95)[0],
+        # more prompts than rows, each with its own budget: rows end apart and slots are refilled
+        "many": [c.tokens for c in llm.complete_many(PROMPTS * 2, temperature=0, max_gen_len=[8, 3, 5, 6])],
         "bytes": local_bytes(llm.model),
     }
 
@@ -100,6 +102,7 @@ def test_n_processes_compute_what_one_does(make_ckpt, tmp_path, params, shards, 
         torch.testing.assert_close(got["logits"], one["logits"], atol=1e-5, rtol=0)
         torch.testing.assert_close(got["steps"], one["logits"][:, 4:6], atol=1e-5, rtol=0)
         assert got["greedy"] == one["greedy"] and got["sampled"] == one["sampled"], rank
+        assert got["many"] == one["many"], rank
         # its slice of every matrix; the norms (a few hundred values) are whole on each rank
         assert got["bytes"] < total / world * 1.1, (rank, got["bytes"], total)
 
