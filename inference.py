@@ -119,13 +119,19 @@ def complete(
                 continue
             tokens, texts = llm.text_completion(batch, **options)
             for p, t, text in zip(batch, tokens, texts):
-                if sink:
-                    sink.write(json.dumps({"prompt": p, "completion": text, "tokens": t}) + "\n")
-                elif not out:  # (under torchrun, ranks after 0 have no sink, and print nowhere)
-                    tqdm.write(f"{p}\n> {text}{SEPARATOR}")
+                write_one(p, text, t, sink, quiet=bool(out))
 
 
 SEPARATOR = "\n\n==================================\n"
+
+
+def write_one(prompt: str, text: str, tokens: list[int], sink, quiet: bool) -> None:
+    """One completion as a JSONL line to sink, or printed unless quiet (under torchrun, ranks after
+    0 have no sink and are quiet: they print nowhere)."""
+    if sink:
+        sink.write(json.dumps({"prompt": prompt, "completion": text, "tokens": tokens}) + "\n")
+    elif not quiet:
+        tqdm.write(f"{prompt}\n> {text}{SEPARATOR}")
 
 
 def write_many(prompts: list[str], completions, sink, quiet: bool) -> None:
@@ -135,10 +141,7 @@ def write_many(prompts: list[str], completions, sink, quiet: bool) -> None:
     start, new_tokens = time.perf_counter(), 0
     with bar:
         for p, done in zip(prompts, completions):
-            if sink:
-                sink.write(json.dumps({"prompt": p, "completion": done.text, "tokens": done.tokens}) + "\n")
-            elif not quiet:
-                tqdm.write(f"{p}\n> {done.text}{SEPARATOR}")
+            write_one(p, done.text, done.tokens, sink, quiet)
             new_tokens += len(done.tokens)
             bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.1f} tokens/s", refresh=False)
             bar.update()

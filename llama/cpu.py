@@ -130,15 +130,18 @@ class KernelAttention(GroupedQueryAttention):
         return torch.ops.llama_cpu.rope_bf16(xq.contiguous(), xk.contiguous(), torch.view_as_real(freqs_cis))
 
     def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
-        fits = self.head_dim % 16 == 0 and self.head_dim <= 128  # the head sizes the kernel takes
-        if xq.shape[2] != 1 or mask is not None or not fits or not kernel_can_run(xq, keys, values):
+        if xq.shape[2] != 1 or mask is not None or not self._kernel_takes(xq, keys, values):
             return super().attend(xq, keys, values, mask)
         return torch.ops.llama_cpu.attend_one_bf16(xq, keys, values)
 
     def attend_rows(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
-        if not (self.head_dim % 16 == 0 and self.head_dim <= 128 and kernel_can_run(xq, keys, values)):
+        if not self._kernel_takes(xq, keys, values):
             return super().attend_rows(xq, keys, values, lengths)
         return torch.ops.llama_cpu.attend_one_bf16(xq, keys, values, lengths)  # the same numbers, in one call
+
+    def _kernel_takes(self, *tensors: torch.Tensor) -> bool:
+        """The kernel takes head sizes that are multiples of 16 up to 128, bf16 on a CPU where it built."""
+        return self.head_dim % 16 == 0 and self.head_dim <= 128 and kernel_can_run(*tensors)
 
 
 def use_cpu_modules(model: Transformer, pack: bool = False) -> None:
