@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from speed import PEER_PACKAGES, make_models  # bench/speed.py, beside this script
+from speed import PEER_PACKAGES, make_models, peer_available  # bench/speed.py, beside this script
 
 PEERS = ("ours", "ours-meta", "hf", "llamacpp")
 
@@ -149,7 +149,7 @@ def main() -> None:
             4,
             4,
         )
-    peers = [p for p in opts.peers.split(",") if __import__("importlib").util.find_spec(PEER_PACKAGES[p.split("-")[0]])]
+    peers = [p for p in opts.peers.split(",") if peer_available(p)]
     for p in set(opts.peers.split(",")) - set(peers):
         print(f"skipping {p}: {PEER_PACKAGES[p.split('-')[0]]} is not installed (pip install -e '.[bench]')")
     ranges = [tuple(map(int, r.split(","))) for r in (opts.prompt_tokens, opts.new_tokens)]

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llama.decoding import Outputs, Step
+from llama.decoding import Outputs, Step, non_finite
 from llama.model import Transformer
 from llama.sampling import Sampler
 
@@ -133,7 +133,7 @@ class Scheduler:
             _drain(row.outputs.cut())
             return row.result(self.echo, self.logprobs)
         self.rows[slot : slot + 1] = [row]  # (slot == len(self.rows) when the slot was never used)
-        ((token, lp),) = self._sample(last, slot, [row])
+        ((token, lp),) = self._sample(last, slot, [row], torch.tensor([size], device=self.history.device))
         if self._advance(row, token, None if lp is None else scores.tolist() + [lp]):
             self.rows[slot] = None
             return row.result(self.echo, self.logprobs)
@@ -145,31 +145,28 @@ class Scheduler:
         lengths = torch.tensor([row.length for row in rows], device=self.history.device)
         last = self.history[: len(rows)].gather(1, (lengths - 1)[:, None])
         logits = decode_rows(self.model, last, lengths - 1, max(row.length for row in rows))
-        for b, (token, lp) in enumerate(self._sample(logits, 0, rows)):
+        for b, (token, lp) in enumerate(self._sample(logits, 0, rows, lengths)):
             if self._advance(rows[b], token, None if lp is None else [lp]):
                 yield rows[b].result(self.echo, self.logprobs)
                 rows[b] = None
 
-    def _sample(self, logits: torch.Tensor, first: int, rows: list[_Row]) -> list[tuple[int, float | None]]:
-        """The next id of the rows in slots first.. (logits [B, vocab]), written into their history,
-        with its logprob when wanted; refused for non-finite logits (as decoding.decode_steps does)."""
+    def _sample(
+        self, logits: torch.Tensor, first: int, rows: list[_Row], lengths: torch.Tensor
+    ) -> list[tuple[int, float | None]]:
+        """The next id of the rows in slots first.. (logits [B, vocab]), written into their history at
+        their lengths, with its logprob when wanted; refused for non-finite logits (as decode_steps does)."""
         history = self.history[first : first + len(rows)]
         finite = torch.isfinite(logits).all(dim=-1)
         token = self.sampler(
             torch.where(finite[:, None], logits, 0.0), history[:, : max(row.length for row in rows)], self.llm.generator
         )
-        at = torch.tensor([row.length for row in rows], device=token.device)[:, None]
-        history.scatter_(1, at, token[:, None])
+        history.scatter_(1, lengths[:, None], token[:, None])
         host = [token.double(), finite.double()]
         if self.logprobs:
             host.append(torch.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0].double())
         values = torch.stack(host).tolist()  # one copy to the host per step
         if not all(values[1]):
-            bad = [rows[b].index for b, ok in enumerate(values[1]) if not ok]
-            raise RuntimeError(
-                f"the model's logits are NaN or infinite for prompt(s) {bad}: usually a damaged checkpoint, or "
-                "float16 overflowing (build with dtype='bfloat16' or 'float32')"
-            )
+            raise non_finite(f"prompt(s) {[rows[b].index for b, ok in enumerate(values[1]) if not ok]}")
         lps = values[2] if self.logprobs else [None] * len(rows)
         return [(int(t), lp) for t, lp in zip(values[0], lps)]
 

@@ -127,15 +127,20 @@ def decode_steps(
         row_tokens, row_new, row_ends, row_done, row_finite = host.tolist()
         if not all(row_finite):
             bad = [b for b, ok in enumerate(row_finite) if not ok]
-            raise RuntimeError(
-                f"the model's logits are NaN or infinite for row(s) {bad} at position {cur_pos}: usually a "
-                "damaged checkpoint, or float16 overflowing (build with dtype='bfloat16' or 'float32')"
-            )
+            raise non_finite(f"row(s) {bad} at position {cur_pos}")
         row_scores = None if scores is None else scores.tolist()
         yield Step(cur_pos, row_tokens, list(map(bool, row_new)), list(map(bool, row_ends)), row_scores)
         prev_pos = cur_pos
         if all(row_done):
             break
+
+
+def non_finite(where: str) -> RuntimeError:
+    """The error for NaN or infinite logits (greedy would pick id 0, sampling fail inside torch)."""
+    return RuntimeError(
+        f"the model's logits are NaN or infinite for {where}: usually a damaged checkpoint, or float16 "
+        "overflowing (build with dtype='bfloat16' or 'float32')"
+    )
 
 
 class _RowText:
