@@ -326,32 +326,19 @@ def init_distributed(device: str | None) -> None:
     global RANK
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    import torch
-    import torch.distributed as dist
+    from llama.parallel import join
 
-    if not dist.is_initialized():
-        on_cpu = not torch.cuda.is_available() or str(device).startswith("cpu")
-        dist.init_process_group("gloo" if on_cpu else "nccl")
-    RANK = dist.get_rank()
+    RANK = join(device)
     if RANK > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
 def close_distributed(code: int = 0) -> None:
-    """Under torchrun: leave the process group (after every rank reaches the end, unless this one
-    failed: a rank may fail alone) and end the process at once with code. A rank that exits the
-    usual way can abort in gloo's teardown ("terminate called without an active exception")."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch.distributed as dist
+    """Under torchrun: end this rank with code (llama.parallel.leave)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from llama.parallel import leave
 
-    if dist.is_initialized():
-        if code == 0:
-            dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        leave(code)
 
 
 def read_line(prompt: str) -> str | None:

@@ -26,11 +26,11 @@ def worker(folder: str, new_tokens: int, prefill: int, threads: int) -> dict:
     import torch.distributed as dist
 
     from llama import LLaMa
-    from llama.parallel import local_bytes
+    from llama.parallel import join, local_bytes
 
     torch.set_num_threads(threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        join()
     world = dist.get_world_size() if dist.is_initialized() else 1
     start = time.perf_counter()
     llm = LLaMa.build(folder, max_seq_len=max(prefill, 32 + new_tokens) + 1, max_batch_size=1)
@@ -76,8 +76,6 @@ def worker(folder: str, new_tokens: int, prefill: int, threads: int) -> dict:
         "prefill": prefill / statistics.median(times),
         "comm_ms_per_step": comm_ms,
     }
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return result
 
 
@@ -113,6 +111,10 @@ def main() -> None:
         result = worker(opts.worker, opts.new_tokens, opts.prefill, opts.threads)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from llama.parallel import leave
+
+            leave()
         return
     if opts.smoke:
         opts.shapes, opts.new_tokens, opts.prefill = "tiny", 8, 32

@@ -11,8 +11,10 @@ stay (as DTensors).
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -50,6 +52,29 @@ def local_device() -> torch.device:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % gpus)))
     torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     return device
+
+
+def join(device: str | torch.device | None = None) -> int:
+    """Join torchrun's process group (its environment names the rendezvous) and return this rank:
+    NCCL on GPUs, gloo on CPUs (no GPU, or device 'cpu')."""
+    if not dist.is_initialized():
+        on_cpu = not torch.cuda.is_available() or str(device).startswith("cpu")
+        dist.init_process_group("gloo" if on_cpu else "nccl")
+    return dist.get_rank()
+
+
+def leave(code: int = 0) -> NoReturn:
+    """End this rank: leave the default process group, after every rank has reached this point
+    unless code says this one failed (a rank may fail alone), and exit at once with code. A rank
+    that exits the usual way can abort in gloo's teardown at interpreter exit ("terminate called
+    without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        if code == 0:
+            dist.barrier()  # no rank tears its connections down while another still uses them
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def world_sizes(args: ModelArgs) -> list[int]:

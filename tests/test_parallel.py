@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from conftest import GQA, MHA
 
 from llama import LLaMa
 from llama.cpu import weight_bytes
+from llama.parallel import leave
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 5, 9, 14, 3], [1, 40]]
@@ -47,6 +49,7 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str, build: dict
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    code = 1
     try:
         result = {}
         try:
@@ -55,10 +58,11 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str, build: dict
         except (ValueError, FileNotFoundError) as e:  # what the CLI prints as its one-line error
             result = {"error": str(e)}
         torch.save(result, Path(out) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears its connections down while another still uses them
+        code = 0
+    except Exception:
+        traceback.print_exc()
     finally:
-        dist.destroy_process_group()
-    os._exit(0)  # past gloo's teardown at interpreter exit, which can abort (as inference.py does)
+        leave(code)  # as the CLI's ranks end
 
 
 def run_rank(folder: str, build: dict) -> dict:
