@@ -342,10 +342,12 @@ constexpr int kBlocks = 2;
 template <int G>
 constexpr int64_t group_bytes() { return kBlocks * 64 * (1 + G / 8); }
 
-// R rows of x (from row m0) against one block; rows[b] masks the outputs that exist.
+// R rows of x (from row m0) against one block; rows[b] masks the outputs that exist. Where next is
+// given (the following block), each load of this block asks L2 for the same line of that one, as
+// gemv_bf16's tiles do (1.1-1.25x at 4 to 32 rows; int8's simpler stream gained nothing from it).
 template <int R, int G>
 void int4_block(const Int8Groups& q, int64_t m0, const uint8_t* w, int64_t K, const __mmask16* rows, int64_t N,
-                c10::BFloat16* y) {
+                c10::BFloat16* y, const uint8_t* next) {
   const int64_t NG = K / G;
   const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi32((int)0xFFFF0000);
   __m512 out[kBlocks][R], zero_terms[kBlocks][R];
@@ -361,6 +363,7 @@ void int4_block(const Int8Groups& q, int64_t m0, const uint8_t* w, int64_t K, co
       __m512i lo[kBlocks], hi[kBlocks];
       for (int b = 0; b < kBlocks; b++) {
         __m512i v = _mm512_loadu_si512(wg + (kBlocks + c * kBlocks + b) * 64);
+        if (next) _mm_prefetch((const char*)(next + (wg - w) + (kBlocks + c * kBlocks + b) * 64), _MM_HINT_T1);
         lo[b] = _mm512_and_si512(v, nibble);
         hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       }
@@ -411,8 +414,10 @@ void each_block(int64_t M, int64_t N, const Block& block) {
 
 template <int G>
 void int4_mm(const Int8Groups& q, int64_t M, int64_t K, int64_t N, const uint8_t* wp, c10::BFloat16* yp) {
+  const int64_t stream = (K / G) * group_bytes<G>(), NS = (N + 16 * kBlocks - 1) / (16 * kBlocks);
   each_block(M, N, [&]<int R>(int64_t s, const __mmask16* rows, int64_t m0) {
-    int4_block<R, G>(q, m0, wp + s * (K / G) * group_bytes<G>(), K, rows, N, yp + s * kBlocks * 16);
+    const uint8_t* next = m0 == 0 && s + 1 < NS ? wp + (s + 1) * stream : nullptr;
+    int4_block<R, G>(q, m0, wp + s * stream, K, rows, N, yp + s * kBlocks * 16, next);
   });
 }
 
