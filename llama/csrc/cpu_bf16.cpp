@@ -32,15 +32,41 @@ at::Tensor rows_like(const at::Tensor& x, int64_t N) {
   return at::empty(sizes, x.options());
 }
 
+// The sum of v's 16 lanes in one fixed order: ((e0 + e8) + (e4 + e12)) + ((e2 + e10) + (e6 + e14)),
+// plus the same for the odd lanes (the order of GCC's _mm512_reduce_add_ps, written out so that no
+// compiler can choose another).
+inline float sum_lanes(__m512 v) {
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// sum_lanes of each of v[0..15], each in its order, in 15 adds instead of 60: lane 4a + b holds v[4b + a]'s.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 s1[8], s2[4], s3[2];
+  for (int p = 0; p < 8; p++)  // lanes i + 8: each vector's 8 partial sums in two 128-bit lanes
+    s1[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int p = 0; p < 4; p++)  // i + 4: 4 partial sums, one 128-bit lane per vector
+    s2[p] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * p], s1[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(s1[2 * p], s1[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int p = 0; p < 2; p++)  // i + 2
+    s3[p] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * p], s2[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_ps(s2[2 * p], s2[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(2, 0, 2, 0)),  // i + 1
+                       _mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // A tile of MR rows of x (at most 4) by NR weight rows n..n+NR-1: each output's dot product is one
-// float32 sum over k in order, then one horizontal add; the same for every output whatever the tile
-// and batch sizes, so that a row's result never depends on how many rows share the call. A tile
-// loads NR weight and MR x vectors for MR * NR dot-product instructions. Where next is given (the
-// following tile's NR weight rows, as many bytes again), each step asks the L2 cache for as many of
-// its lines as the step reads of this tile's, so the next rows arrive while this tile computes: the
-// hardware prefetcher alone, following NR streams at the pace of the arithmetic, left a 110m decode
-// step's linears 1.4x (1 row) to 1.8x (8 rows) slower. Into L2, not L1: a tile of 1.1B's rows
-// would push this tile's rows and x out of L1 (prefetching there made 1.1B slower).
+// float32 sum over k in order, then one horizontal add in sum_lanes's order; the same for every
+// output whatever the tile and batch sizes, so that a row's result never depends on how many rows
+// share the call. A tile loads NR weight and MR x vectors for MR * NR dot-product instructions.
+// Where next is given (the following tile's NR weight rows, as many bytes again), each step asks the
+// L2 cache for as many of its lines as the step reads of this tile's, so the next rows arrive while
+// this tile computes: the hardware prefetcher alone, following NR streams at the pace of the
+// arithmetic, left a 110m decode step's linears 1.4x (1 row) to 1.8x (8 rows) slower. Into L2, not
+// L1: a tile of 1.1B's rows would push this tile's rows and x out of L1 (that made 1.1B slower).
 template <int MR, int NR>
 inline void dot_tile(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N, c10::BFloat16* y, int64_t n,
                      const char* next) {
@@ -67,9 +93,15 @@ inline void dot_tile(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N,
       for (int j = 0; j < NR; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
     }
   }
-  for (int m = 0; m < MR; m++)
-    for (int j = 0; j < NR; j++)
-      y[m * N + n + j] = c10::BFloat16(_mm512_reduce_add_ps(acc[m][j]));  // round to nearest even, as ATen does
+  if constexpr (MR * NR == 16) {  // the tiles of 2 to 4 rows of x: their sums at once, in the same order
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, sum_lanes16(&acc[0][0]));
+    for (int t = 0; t < 16; t++)  // rounded to nearest even, as ATen does
+      y[t / NR * N + n + t % NR] = c10::BFloat16(sums[4 * (t % 4) + t / 4]);
+  } else {
+    for (int m = 0; m < MR; m++)
+      for (int j = 0; j < NR; j++) y[m * N + n + j] = c10::BFloat16(sum_lanes(acc[m][j]));
+  }
 }
 
 template <int NR>
