@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llama.decoding import Outputs, Step, non_finite
+from llama.decoding import Outputs, Step, non_finite, sample_finite
 from llama.model import Transformer
 from llama.sampling import Sampler
 
@@ -156,9 +156,8 @@ class Scheduler:
         """The next id of the rows in slots first.. (logits [B, vocab]), written into their history at
         their lengths, with its logprob when wanted; refused for non-finite logits (as decode_steps does)."""
         history = self.history[first : first + len(rows)]
-        finite = torch.isfinite(logits).all(dim=-1)
-        token = self.sampler(
-            torch.where(finite[:, None], logits, 0.0), history[:, : max(row.length for row in rows)], self.llm.generator
+        token, finite = sample_finite(
+            self.sampler, logits, history[:, : max(row.length for row in rows)], self.llm.generator
         )
         history.scatter_(1, lengths[:, None], token[:, None])
         host = [token.double(), finite.double()]

@@ -105,6 +105,22 @@ def test_bad_input_is_refused_before_any_step_and_the_llm_is_released(folder):
     assert llm.text_completion(["a"], temperature=0, max_gen_len=2).texts
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_non_finite_logits_are_an_error_naming_the_prompt(folder, temperature, bad):
+    llm = LLaMa.build(folder, max_seq_len=32, max_batch_size=2, dtype="float32", device="cpu")
+
+    def poison(module, args, logits):  # slot 1 (the second prompt) in the decode steps
+        if logits.dim() == 2 and logits.shape[0] == 2:
+            logits = logits.clone()
+            logits[1, 5] = bad
+        return logits
+
+    llm.model.output.register_forward_hook(poison)
+    with pytest.raises(RuntimeError, match=r"NaN or infinite for prompt\(s\) \[1\]: usually a damaged"):
+        list(llm.complete_many(["the king", "war"], temperature=temperature, max_gen_len=6))
+
+
 def test_a_prompts_file_completes_by_continuous_batching_as_each_alone(folder, tmp_path):
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     common = ["--ckpt_dir", str(folder), "--prompts_file", str(tmp_path / "p.txt"), "--temperature", "0"]
