@@ -45,6 +45,9 @@ COMMANDS = {
     "quantize.json": "python bench/quantize.py",
     "parallel.json": "python bench/parallel.py --shapes 110m --worlds 1,2",
     "throughput.json": "python bench/throughput.py",
+    "throughput_1.1b.json": (
+        "python bench/throughput.py --shape 1.1b --prompts 64 --check 8 --out bench/results/throughput_1.1b.json"
+    ),
     "device_check.json": "python bench/device_check.py",
 }
 # The comparisons shown: each of ours against the peer of the same kind, in this order.
@@ -164,7 +167,29 @@ def speed_tables(result: dict) -> str:
         ),
     )
     text = f"Tokens per second (medians):\n\n{speeds}\n\nRatios:\n\n{ratios}"
-    return text + round_by_round(result)
+    return text + roofline_table(result) + round_by_round(result)
+
+
+def roofline_table(result: dict) -> str:
+    """Each workload's roofline on the machine of the run beside every peer's tokens/s and its share of it."""
+    if "rooflines" not in result:
+        return ""
+    peers = list(dict.fromkeys(p for shape in result["shapes"].values() for p in shape))
+    rows = []
+    for shape, limits in result["rooflines"].items():
+        for w, limit in limits.items():
+            cells = [
+                f"{result['shapes'][shape][p][w]:.1f} ({result['shapes'][shape][p][w] / limit['tokens_per_s']:.0%})"
+                if p in result["shapes"][shape]
+                else "-"
+                for p in peers
+            ]
+            rows.append([shape, WORKLOADS[w], f"{limit['tokens_per_s']:.1f}", limit["bound"], *cells])
+    table = md_table(["shape", "workload", "roofline tok/s", "bound", *peers], rows)
+    return (
+        f"\n\nAgainst the roofline of each row, from this run's {result['bandwidth_gbs']:.1f} GB/s copy bandwidth and "
+        f"{result['gemm_bf16_gflops']:.0f} GFLOP/s bf16 GEMM (`speed.roofline` says what each counts):\n\n{table}"
+    )
 
 
 def round_by_round(result: dict, workload: str = "decode_b1") -> str:
@@ -583,6 +608,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "quantize.json": ("Quantization: quality and size", quantize_paragraphs),
     "parallel.json": ("More than one process: tensor parallel", parallel_paragraphs),
     "throughput.json": ("Many prompts: the batch completion script's workload", throughput_paragraphs),
+    "throughput_1.1b.json": ("Many prompts on the 1.1B shape", throughput_paragraphs),
     "device_check.json": ("On a GPU", device_check_paragraphs),
 }
 NO_GPU_RUN = (

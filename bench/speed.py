@@ -125,9 +125,11 @@ def main() -> None:
         )
         print(f"skipping {p}: {why}")
     bw = bandwidth_gbs(64 if opts.smoke else 1024)
-    print(f"memory bandwidth (copy): {bw:.1f} GB/s, threads: {opts.threads}")
+    gemm = gemm_peak_gflops(opts.threads)
+    print(f"memory bandwidth (copy): {bw:.1f} GB/s, bf16 GEMM: {gemm:.0f} GFLOP/s, threads: {opts.threads}")
 
-    results = {"bandwidth_gbs": bw, "threads": opts.threads, "new_tokens": opts.new_tokens, "shapes": {}}
+    results = {"bandwidth_gbs": bw, "gemm_bf16_gflops": gemm, "threads": opts.threads, "new_tokens": opts.new_tokens}
+    results |= {"shapes": {}, "rooflines": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
             paths = make_models(shape, Path(tmp), available)
@@ -140,10 +142,54 @@ def main() -> None:
                         + ", ".join(f"{k} {v:.1f}" for k, v in runs[peer][-1].items() if k in WORKLOADS)
                     )
             results["shapes"][shape] = summarize(runs, workloads, bw)
+            results["rooflines"][shape] = {w: roofline(shape, w, opts.new_tokens, bw, gemm) for w in workloads}
     print_table(results, workloads)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {opts.out}")
+
+
+def gemm_peak_gflops(threads: int) -> float:
+    """The best speed of a few large bf16 matrix products (PyTorch's, oneDNN's GEMM on a CPU), GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best = 0.0
+    for m, k, n in ((512, 2048, 5632), (2048, 2048, 2048), (1024, 4096, 4096)):
+        a, b = torch.randn(m, k).bfloat16(), torch.randn(k, n).bfloat16()
+        a @ b  # warm-up: oneDNN picks its kernel
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def roofline(shape: str, workload: str, new_tokens: int, bw_gbs: float, gemm_gflops: float) -> dict:
+    """The most tokens/s a workload can reach on this machine with bf16 weights, and what bounds it:
+    memory (a decode step reads every weight but the embedding table, and each row's keys and values,
+    at the copy speed) or compute (each token's products, linears and attention, at the GEMM peak).
+    Context lengths are the workload's averages: half the prompt for a prefill; the 32-token prompt
+    and half the new tokens for a decode."""
+    from peers import workload as spec
+
+    from llama.model import ModelArgs
+
+    args = ModelArgs(**SHAPES[shape], vocab_size=32000)
+    batch, length, prefill = spec(workload)
+    kv = args.kv_heads * args.head_dim
+    layer = 2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_hidden_dim  # a block's linears
+    context = length / 2 if prefill else length + new_tokens / 2
+    flops = 2 * args.n_layers * layer + 4 * args.n_layers * args.dim * context  # linears, then q.k and p.v
+    if not prefill:  # a prefill's logits are its last position's alone
+        flops += 2 * args.dim * args.vocab_size
+    bounds = {"compute": gemm_gflops * 1e9 / flops}
+    if not prefill:
+        weights = 2 * (args.n_layers * (layer + 2 * args.dim) + args.dim + args.dim * args.vocab_size)
+        cache = batch * 2 * args.n_layers * 2 * kv * context  # bf16 keys and values of every row
+        bounds["memory"] = batch * bw_gbs * 1e9 / (weights + cache)
+    bound = min(bounds, key=bounds.get)
+    return {"tokens_per_s": bounds[bound], "bound": bound, **{f"{k}_tokens_per_s": v for k, v in bounds.items()}}
 
 
 PEER_PACKAGES = {"ours": "torch", "hf": "transformers", "llamacpp": "llama_cpp"}
@@ -210,6 +256,9 @@ def print_table(results: dict, workloads: list[str]) -> None:
                 if key.startswith("ratio_vs_"):
                     name = f"{ours}/{key.removeprefix('ratio_vs_')}"
                     print(f"{shape:<6} {name:<9} " + " ".join(f"{ratios[w]:>11.2f}x" for w in workloads))
+        limits = results["rooflines"][shape]
+        print(f"{shape:<6} {'roofline':<9} " + " ".join(f"{limits[w]['tokens_per_s']:>12.2f}" for w in workloads))
+        print(f"{shape:<6} {'bound':<9} " + " ".join(f"{limits[w]['bound']:>12}" for w in workloads))
 
 
 if __name__ == "__main__":
