@@ -2,7 +2,8 @@
 shape (random weights), run back to back with one input row, as each linear module this project
 (or plain PyTorch) can run. The step time of the linears bounds decode tokens/s before any other
 work is counted. Every kernel's weights are held at once and the kernels take turns, pass by
-pass; medians, and speed-ups over plain PyTorch taken within a round.
+pass; medians, and speed-ups over plain PyTorch taken within a round. Then the bf16 modules again
+with the rows of a batched decode step (--rows), beside the machine's bf16 GEMM peak.
 
     python bench/kernels.py [--shapes 110m,1.1b] [--rounds 15] [--out bench/results/kernels.json]
 """
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from speed import SHAPES, bandwidth_gbs
+from speed import SHAPES, bandwidth_gbs, gemm_peak_gflops
 from torch import nn
 
 from llama.cpu import GemvLinear, PackedLinear, aten_linear, linear_around, weight_bytes
@@ -72,16 +73,48 @@ def time_once(calls: list) -> float:
     return time.perf_counter() - t
 
 
+BATCHED = ("bf16 GemvLinear (default)", "bf16 PackedLinear (pack=True)", PLAIN)
+
+
+def batched(dense: list[torch.Tensor], row_counts: list[int], rounds: int, gen: torch.Generator) -> dict:
+    """The bf16 linears of one decode step at several batch sizes: rows -> module -> step ms and GFLOP/s."""
+    params = sum(w.numel() for w in dense)
+    out = {}
+    for rows in row_counts:
+        steps = {}
+        for name in BATCHED:
+            make, dtype = kernels()[name]
+            inputs = {d: torch.randn(rows, d, generator=gen).to(dtype) for d in {w.shape[1] for w in dense}}
+            modules = [make(w) for w in dense]
+            steps[name] = [lambda m=m, x=inputs[w.shape[1]]: m(x) for m, w in zip(modules, dense)]
+        times = {name: [] for name in steps}
+        with torch.inference_mode():
+            for calls in steps.values():
+                time_once(calls)
+            for _ in range(rounds):
+                for name, calls in steps.items():
+                    times[name].append(time_once(calls))
+        out[str(rows)] = {}
+        for name, ts in times.items():
+            seconds = statistics.median(ts)
+            row = out[str(rows)][name] = {"step_ms": seconds * 1e3, "gflops": 2 * rows * params / seconds / 1e9}
+            print(f"{rows:>3} rows {name:<40} {row['step_ms']:8.2f} ms/step {row['gflops']:7.1f} GFLOP/s")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="110m,1.1b")
     ap.add_argument("--rounds", type=int, default=15, help="passes of every kernel, interleaved")
+    ap.add_argument("--rows", default="8,32,512", help="rows at which the bf16 linears are also timed")
     ap.add_argument("--out", default="bench/results/kernels.json")
     opts = ap.parse_args()
+    opts.rows = [int(r) for r in opts.rows.split(",") if r]
     compiled_kernels()  # built (once per machine) before anything is timed
-    bw = bandwidth_gbs()
-    print(f"memory bandwidth (copy): {bw:.1f} GB/s, threads: {torch.get_num_threads()}")
-    results = {"bandwidth_gbs": bw, "threads": torch.get_num_threads(), "torch": torch.__version__, "shapes": {}}
+    bw, gemm = bandwidth_gbs(), gemm_peak_gflops(torch.get_num_threads())
+    print(f"memory bandwidth (copy): {bw:.1f} GB/s, bf16 GEMM: {gemm:.0f} GFLOP/s, threads: {torch.get_num_threads()}")
+    results = {"bandwidth_gbs": bw, "gemm_bf16_gflops": gemm, "threads": torch.get_num_threads()}
+    results |= {"torch": torch.__version__, "shapes": {}}
     gen = torch.Generator().manual_seed(0)
     for shape in opts.shapes.split(","):
         args = ModelArgs(**SHAPES[shape], vocab_size=32000)
@@ -120,6 +153,7 @@ def main() -> None:
             )
         del steps
         results["shapes"][shape] = {"bf16_weight_bytes": bf16_bytes, "kernels": rows}
+        results["shapes"][shape]["batched"] = batched(dense, opts.rows, max(3, opts.rounds // 3), gen)
         del dense
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(results, indent=2))

@@ -224,7 +224,34 @@ def speed_paragraphs(result: dict) -> list[str]:
         f"{r('ours', 'llamacpp', 'prefill_512')} llama.cpp's speed and {r('ours', 'hf', 'prefill_512')} "
         "transformers' (both run PyTorch's matrix kernels for prompts)."
     )
-    return [method, findings]
+    return [method, findings, *roofline_findings(result)]
+
+
+def roofline_findings(result: dict) -> list[str]:
+    """Where each workload of ours and llama.cpp stands against its roofline, shape by shape."""
+    if "rooflines" not in result:
+        return []
+
+    def share(peer: str, w: str) -> str:
+        found = [s for s in result["rooflines"] if peer in result["shapes"][s]]
+        return " / ".join(
+            f"{result['shapes'][s][peer][w] / result['rooflines'][s][w]['tokens_per_s']:.0%}" for s in found
+        )
+
+    def bound(w: str) -> str:
+        return " / ".join(limits[w]["bound"] for limits in result["rooflines"].values())
+
+    return [
+        f"Against each row's roofline ({shape_names(result)}), ours reaches {share('ours', 'decode_b1')} at batch 1 "
+        f"({bound('decode_b1')}), {share('ours', 'decode_b8')} at batch 8 ({bound('decode_b8')}) and "
+        f"{share('ours', 'decode_b32')} at batch 32 ({bound('decode_b32')}; {share('ours-packed', 'decode_b32')} "
+        f"with `pack=True`), and reads a 512-token prompt at {share('ours', 'prefill_512')} of its compute roofline; "
+        "llama.cpp "
+        f"{share('llamacpp', 'decode_b1')}, {share('llamacpp', 'decode_b8')}, {share('llamacpp', 'decode_b32')} and "
+        f"{share('llamacpp', 'prefill_512')}. What is left at batch 8 and 32 is the GEMV's arithmetic: its "
+        "dot-product instructions run well below the GEMM's rate (the kernels section times the linears alone at "
+        "those rows), and a step's other work (attention over each row's cache, norms, RoPE, sampling) adds to it."
+    ]
 
 
 def speed_b1_paragraphs(result: dict) -> list[str]:
@@ -283,6 +310,27 @@ def kernels_table(result: dict) -> str:
     )
 
 
+PLAIN_LINEAR = "bf16 nn.Linear (plain PyTorch)"  # bench/kernels.py's PLAIN
+
+
+def batched_table(result: dict) -> str:
+    """The bf16 linears at a batched decode step's rows, against the GEMM peak, where the file has them."""
+    if "gemm_bf16_gflops" not in result:
+        return ""
+    peak = result["gemm_bf16_gflops"]
+    rows = [
+        [shape, rows, name, f"{k['step_ms']:.1f}", f"{k['gflops']:.0f}", f"{k['gflops'] / peak:.0%}"]
+        for shape, r in result["shapes"].items()
+        for rows, by_module in r.get("batched", {}).items()
+        for name, k in by_module.items()
+    ]
+    table = md_table(["shape", "rows", "kernel", "ms per step", "GFLOP/s", "of the GEMM peak"], rows)
+    return (
+        f"\n\nThe bf16 linears of one step with a batch's rows, against this run's bf16 GEMM peak "
+        f"({peak:.0f} GFLOP/s, `speed.gemm_peak_gflops`):\n\n{table}"
+    )
+
+
 def kernels_paragraphs(result: dict) -> list[str]:
     method = (
         "What the linear layers alone allow at batch 1: every linear of one decode step, back to back on one input "
@@ -310,7 +358,30 @@ def kernels_paragraphs(result: dict) -> list[str]:
         f"{faster('int4 Int4Linear (quantize=int4)', 'int4 torch _weight_int4pack_mm_for_cpu')} as fast as "
         "`_weight_int4pack_mm_for_cpu`."
     )
-    return [method, findings]
+    return [method, findings, *batched_findings(result)]
+
+
+def batched_findings(result: dict) -> list[str]:
+    """What the linears alone reach at a batched step's rows: shares of the memory roofline (their
+    weights read once per step at the copy speed) and of the GEMM peak, shape by shape."""
+    if "gemm_bf16_gflops" not in result:
+        return []
+    found = {s: r for s, r in result["shapes"].items() if r.get("batched")}
+    peak, bw = result["gemm_bf16_gflops"], result["bandwidth_gbs"]
+
+    def shares(rows: str, name: str) -> str:
+        at = [(r["batched"][rows][name], r["bf16_weight_bytes"]) for r in found.values() if rows in r["batched"]]
+        memory = " / ".join(f"{w / bw / 1e6 / k['step_ms']:.0%}" for k, w in at)
+        compute = " / ".join(f"{k['gflops'] / peak:.0%}" for k, _ in at)
+        return f"{memory} of the memory roofline and {compute} of the GEMM peak"
+
+    counts = sorted({int(n) for r in found.values() for n in r["batched"]})
+    lines = [
+        f"at {n} rows the default linears reach {shares(str(n), 'bf16 GemvLinear (default)')}, oneDNN's (plain "
+        f"`nn.Linear`) {shares(str(n), PLAIN_LINEAR)}"
+        for n in counts
+    ]
+    return [f"For {' / '.join(found)}, with a batch's rows: " + "; ".join(lines) + "."]
 
 
 def load_table(result: dict) -> str:
@@ -593,7 +664,9 @@ def tables(name: str, result: dict) -> str:
     if name.startswith("throughput"):
         return throughput_table(result)
     if "shapes" in result:
-        return kernels_table(result) if "kernels" in next(iter(result["shapes"].values())) else speed_tables(result)
+        if "kernels" in next(iter(result["shapes"].values())):
+            return kernels_table(result) + batched_table(result)
+        return speed_tables(result)
     return load_table(result) if "shards" in result["rows"][0] else quantize_table(result)
 
 
