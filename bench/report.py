@@ -248,9 +248,9 @@ def roofline_findings(result: dict) -> list[str]:
         f"with `pack=True`), and reads a 512-token prompt at {share('ours', 'prefill_512')} of its compute roofline; "
         "llama.cpp "
         f"{share('llamacpp', 'decode_b1')}, {share('llamacpp', 'decode_b8')}, {share('llamacpp', 'decode_b32')} and "
-        f"{share('llamacpp', 'prefill_512')}. What is left at batch 8 and 32 is the GEMV's arithmetic: its "
-        "dot-product instructions run well below the GEMM's rate (the kernels section times the linears alone at "
-        "those rows), and a step's other work (attention over each row's cache, norms, RoPE, sampling) adds to it."
+        f"{share('llamacpp', 'prefill_512')}. The kernels section below times the linears alone at the same rows; "
+        "what separates the two is the rest of a step: attention over each row's cache, norms, RoPE, sampling and "
+        "the Python around them."
     ]
 
 
@@ -362,26 +362,33 @@ def kernels_paragraphs(result: dict) -> list[str]:
 
 
 def batched_findings(result: dict) -> list[str]:
-    """What the linears alone reach at a batched step's rows: shares of the memory roofline (their
-    weights read once per step at the copy speed) and of the GEMM peak, shape by shape."""
+    """What the linears alone reach at a batched step's rows: their share of the roofline, which is
+    reading the weights once per step at the copy speed or the products at the GEMM peak, whichever
+    takes longer, shape by shape."""
     if "gemm_bf16_gflops" not in result:
         return []
     found = {s: r for s, r in result["shapes"].items() if r.get("batched")}
     peak, bw = result["gemm_bf16_gflops"], result["bandwidth_gbs"]
 
-    def shares(rows: str, name: str) -> str:
-        at = [(r["batched"][rows][name], r["bf16_weight_bytes"]) for r in found.values() if rows in r["batched"]]
-        memory = " / ".join(f"{w / bw / 1e6 / k['step_ms']:.0%}" for k, w in at)
-        compute = " / ".join(f"{k['gflops'] / peak:.0%}" for k, _ in at)
-        return f"{memory} of the memory roofline and {compute} of the GEMM peak"
+    def limit(k: dict, weight_bytes: int) -> tuple[float, str]:
+        memory_ms, compute_ms = weight_bytes / bw / 1e6, k["step_ms"] * k["gflops"] / peak
+        return (memory_ms, "memory") if memory_ms > compute_ms else (compute_ms, "compute")
 
-    counts = sorted({int(n) for r in found.values() for n in r["batched"]})
-    lines = [
-        f"at {n} rows the default linears reach {shares(str(n), 'bf16 GemvLinear (default)')}, oneDNN's (plain "
-        f"`nn.Linear`) {shares(str(n), PLAIN_LINEAR)}"
-        for n in counts
+    def shares(rows: str, name: str) -> tuple[str, str]:
+        at = [(r["batched"][rows][name], r["bf16_weight_bytes"]) for r in found.values() if rows in r["batched"]]
+        limits = [limit(k, w) for k, w in at]
+        share = " / ".join(f"{ms / k['step_ms']:.0%}" for (k, _), (ms, _) in zip(at, limits))
+        bounds = [bound for _, bound in limits]
+        return share, bounds[0] if len(set(bounds)) == 1 else " / ".join(bounds)
+
+    lines = []
+    for n in sorted({int(n) for r in found.values() for n in r["batched"]}):
+        (ours, bound), (onednn, _) = shares(str(n), "bf16 GemvLinear (default)"), shares(str(n), PLAIN_LINEAR)
+        lines.append(f"at {n} rows ({bound}-bound) the default linears reach {ours} of it, oneDNN's {onednn}")
+    return [
+        f"For {' / '.join(found)}, the linears alone against their roofline (their weights read once per step at "
+        "the copy speed, or their products at the GEMM peak, whichever takes longer): " + "; ".join(lines) + "."
     ]
-    return [f"For {' / '.join(found)}, with a batch's rows: " + "; ".join(lines) + "."]
 
 
 def load_table(result: dict) -> str:
