@@ -5,7 +5,7 @@ work is counted. Every kernel's weights are held at once and the kernels take tu
 pass; medians, and speed-ups over plain PyTorch taken within a round. Then the bf16 modules again
 with the rows of a batched decode step (--rows), beside the machine's bf16 GEMM peak.
 
-    python bench/kernels.py [--shapes 110m,1.1b] [--rounds 15] [--out bench/results/kernels.json]
+    python bench/kernels.py [--shapes 110m,1.1b] [--rounds 15] [--rows 8,32,512] [--out bench/results/kernels.json]
 """
 
 import argparse
