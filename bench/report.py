@@ -250,7 +250,14 @@ def roofline_findings(result: dict) -> list[str]:
         f"{share('llamacpp', 'decode_b1')}, {share('llamacpp', 'decode_b8')}, {share('llamacpp', 'decode_b32')} and "
         f"{share('llamacpp', 'prefill_512')}. The kernels section below times the linears alone at the same rows; "
         "what separates the two is the rest of a step: attention over each row's cache, norms, RoPE, sampling and "
-        "the Python around them."
+        "the Python around them.",
+        "Tried for batched decode, and kept: the GEMV asks the L2 cache for the next tile's weight rows while a tile "
+        "computes, and sums a tile's 16 outputs in one pass, each row's numbers unchanged; attention over each row's "
+        "own cache length in one kernel call. oneDNN's packed layout (`ours-packed`) stays an option: it is faster "
+        "where the tables show it, slower at batch 1, and its rows are not bound to the numbers they get alone. "
+        "Not tried yet: fusing a step's small operators (norms, RoPE, SwiGLU, sampling) into fewer calls, or "
+        "compiling the CPU step; for prompts, anything around oneDNN's GEMM and PyTorch's SDPA, which transformers "
+        "share.",
     ]
 
 
