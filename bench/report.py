@@ -257,7 +257,7 @@ def roofline_findings(result: dict) -> list[str]:
         "where the tables show it, slower at batch 1, and its rows are not bound to the numbers they get alone. "
         "Not tried yet: fusing a step's small operators (norms, RoPE, SwiGLU, sampling) into fewer calls, or "
         "compiling the CPU step; for prompts, anything around oneDNN's GEMM and PyTorch's SDPA, which transformers "
-        "share.",
+        "shares.",
     ]
 
 
