@@ -243,6 +243,9 @@ def test_ctrl_c_stops_the_reply_not_the_session(folder, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C's default, as a terminal has it: a launcher that runs the tests in the background (a
+        # shell's `cmd &`) hands SIGINT down ignored, and Python then raises no KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         proc.stdin.write("the king\n")
