@@ -177,17 +177,15 @@ def roofline(shape: str, workload: str, new_tokens: int, bw_gbs: float, gemm_gfl
 
     args = ModelArgs(**SHAPES[shape], vocab_size=32000)
     batch, length, prefill = spec(workload)
-    kv = args.kv_heads * args.head_dim
-    layer = 2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_hidden_dim  # a block's linears
+    read = args.parameter_count() - args.vocab_size * args.dim  # every weight but the embedding table
+    # less the norms; a prefill's logits are its last position's alone
+    linears = read - args.dim * (2 * args.n_layers + 1) - (args.vocab_size * args.dim if prefill else 0)
     context = length / 2 if prefill else length + new_tokens / 2
-    flops = 2 * args.n_layers * layer + 4 * args.n_layers * args.dim * context  # linears, then q.k and p.v
-    if not prefill:  # a prefill's logits are its last position's alone
-        flops += 2 * args.dim * args.vocab_size
+    flops = 2 * linears + 4 * args.n_layers * args.dim * context  # linears, then q.k and p.v
     bounds = {"compute": gemm_gflops * 1e9 / flops}
     if not prefill:
-        weights = 2 * (args.n_layers * (layer + 2 * args.dim) + args.dim + args.dim * args.vocab_size)
-        cache = batch * 2 * args.n_layers * 2 * kv * context  # bf16 keys and values of every row
-        bounds["memory"] = batch * bw_gbs * 1e9 / (weights + cache)
+        cache = batch * 2 * args.n_layers * 2 * args.kv_heads * args.head_dim * context  # bf16 keys and values
+        bounds["memory"] = batch * bw_gbs * 1e9 / (2 * read + cache)
     bound = min(bounds, key=bounds.get)
     return {"tokens_per_s": bounds[bound], "bound": bound, **{f"{k}_tokens_per_s": v for k, v in bounds.items()}}
 
