@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from llama.decoding import Outputs, Step, non_finite, sample_finite
 from llama.model import Transformer
+from llama.runtime import to_device
 from llama.sampling import Sampler
 
 
@@ -118,7 +119,7 @@ class Scheduler:
         outputs = self.llm._outputs([prompt], self.stop, want_text=False)
         row = _Row(index, outputs, size, min(size + max_gen_len, self.max_seq_len))
         self.history[slot].fill_(-1)
-        self.history[slot, :size] = torch.tensor(prompt, device=self.history.device)
+        self.history[slot, :size] = to_device(torch.tensor(prompt), self.history.device)
         ids = self.history[slot : slot + 1, :size]
         with one_slot(self.model, slot):
             if self.logprobs:  # Meta's loop scores the prompt's ids too
@@ -133,7 +134,7 @@ class Scheduler:
             _drain(row.outputs.cut())
             return row.result(self.echo, self.logprobs)
         self.rows[slot : slot + 1] = [row]  # (slot == len(self.rows) when the slot was never used)
-        ((token, lp),) = self._sample(last, slot, [row], torch.tensor([size], device=self.history.device))
+        ((token, lp),) = self._sample(last, slot, [row], to_device(torch.tensor([size]), self.history.device))
         if self._advance(row, token, None if lp is None else scores.tolist() + [lp]):
             self.rows[slot] = None
             return row.result(self.echo, self.logprobs)
@@ -142,7 +143,7 @@ class Scheduler:
     def _step(self) -> Iterator[tuple[int, Completion]]:
         """One decode step of every row; the rows that end leave their slots."""
         rows = self.rows
-        lengths = torch.tensor([row.length for row in rows], device=self.history.device)
+        lengths = to_device(torch.tensor([row.length for row in rows]), self.history.device)
         last = self.history[: len(rows)].gather(1, (lengths - 1)[:, None])
         logits = decode_rows(self.model, last, lengths - 1, max(row.length for row in rows))
         for b, (token, lp) in enumerate(self._sample(logits, 0, rows, lengths)):

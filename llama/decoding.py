@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llama.model import Transformer
+from llama.runtime import to_device
 from llama.sampling import Sampler
 from llama.tokenizer import StreamDecoder, Tokenizer
 
@@ -73,18 +74,18 @@ def decode_steps(
     without logprobs (llama.compiled's StaticDecode)."""
     device = model.tok_embeddings.weight.device  # never packed or quantized
     bsz = len(prompt_tokens)
-    prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
+    prompt_lens = to_device(torch.tensor([len(t) for t in prompt_tokens]), device)
     min_prompt_len, max_prompt_len = min(map(len, prompt_tokens)), max(map(len, prompt_tokens))
     total_len = min(model.max_seq_len, max_gen_len + max_prompt_len)
 
     tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long)
     for k, t in enumerate(prompt_tokens):
         tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long)
-    tokens = tokens.to(device)  # one copy to the device, not one per prompt
+    tokens = to_device(tokens, device)  # one copy to the device, not one per prompt
     # From the lengths: Meta's code compares tokens with the pad id, and Llama 3's pad is a real
     # token, which a prompt may hold.
     input_text_mask = torch.arange(total_len, device=device) < prompt_lens[:, None]
-    stop = torch.tensor(stop_ids, device=device)
+    stop = to_device(torch.tensor(stop_ids, dtype=torch.long), device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
 
     if min_prompt_len == total_len:

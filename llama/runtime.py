@@ -55,6 +55,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[name]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor's copy on `device` that does not make the host wait for the device's queued work:
+    on CUDA staged in pinned memory and copied asynchronously (a copy from pageable memory synchronises)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes that can still be allocated on `device`, or None where it cannot be told."""
     if device.type == "cuda":
