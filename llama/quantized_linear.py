@@ -1,8 +1,9 @@
 """Quantized linear layers: Int8Linear (per output channel, symmetric, w = q * scale) and
 Int4Linear (groups of `group_size` inputs with an offset, w = (q - 8) * scale + zero, q in 0..15).
 Each holds its weights once: in bf16 on a CPU with AVX-512 VNNI, in the layout llama.kernels'
-compiled ops read (every matmul runs there); elsewhere as the portable tensors torch's packed
-CPU kernels read, and where no kernel exists the weight is dequantized on the fly (the log says so).
+compiled ops read (every matmul runs there); elsewhere as the portable tensors, which torch's int8
+CPU kernel reads as they are and its int4 kernels (CPU; CUDA from compute capability 8.0) from a
+repacked copy. Where no kernel exists the weight is dequantized on each call (the log says so).
 """
 
 import logging
@@ -302,14 +303,39 @@ class Int4Linear(QuantizedLinear):
             return kernels.mm_int4(x.contiguous(), self.blocks, self.out_features, self.group_size)
         flat = x.reshape(-1, self.in_features).contiguous()  # torch's int4 kernels refuse strided rows
         if x.device.type == "cpu" and self.out_features % 16 == 0:
-            if self._torch_copy is None:  # torch's kernel reads weights repacked into its layout: a second copy
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
-                self._torch_copy = packed, self.portable()["scales_and_zeros"].contiguous()
-            packed, pairs = self._torch_copy
+            packed, pairs = self._repacked(x.device)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, pairs.to(x.dtype))
+        elif (tiles := self._cuda_tiles(x)) is not None:
+            # torch's CUDA kernel (tinygemm) computes in bf16: a float16 model's rows are rounded to
+            # bf16 for it, an error far below int4's own
+            packed, pairs = self._repacked(x.device, tiles)
+            out = torch.ops.aten._weight_int4pack_mm(flat.bfloat16(), packed, self.group_size, pairs).to(x.dtype)
         else:
             out = self._fallback(flat, "int4")
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _cuda_tiles(self, x: torch.Tensor) -> int | None:
+        """The inner k tiles torch's CUDA int4 kernel takes for this layer's shape (in_features a
+        multiple of 16 of them, out_features of 8), on an NVIDIA GPU of compute capability 8.0 or
+        more (Ampere on), which it is built for; None where it does not run."""
+        if x.device.type != "cuda" or torch.version.cuda is None or self.out_features % 8:
+            return None
+        if torch.cuda.get_device_capability(x.device) < (8, 0):
+            return None
+        return next((t for t in (8, 4, 2) if self.in_features % (16 * t) == 0), None)
+
+    def _repacked(self, device: torch.device, tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights in the layout of torch's int4 kernel for `device` (tiles: CUDA's), and their
+        scale and zero pairs: a second copy of the weights, made on first use on that device."""
+        if self._torch_copy is None or self._torch_copy[0].device != device:
+            pairs = self.portable()["scales_and_zeros"]
+            if device.type == "cpu":
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack(self.portable()["weight"].contiguous(), tiles)
+                pairs = pairs.bfloat16()
+            self._torch_copy = packed, pairs.contiguous()
+        return self._torch_copy
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"

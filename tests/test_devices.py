@@ -31,6 +31,7 @@ from test_model import hf_model
 
 from llama import LLaMa
 from llama.loading import BUILTIN_MODEL
+from llama.quantized_linear import Int4Linear
 from llama.runtime import available_memory
 
 PLACES = [
@@ -197,6 +198,22 @@ def test_quantized_layers_run_where_the_model_does(make_ckpt, place, scheme):
     logits = build(folder, device, dtype, quantize=scheme).model(X.to(device), 0)
     bound = max(RELATIVE[dtype], 2e-2) * 4  # int8 activations on the CPU kernels: a few more roundings
     assert (logits.float().cpu() - reference).abs().max().item() <= bound * reference.abs().max().item()
+
+
+def test_int4_on_an_ampere_or_later_gpu_is_torchs_kernel_on_the_same_weights(place):
+    """torch's CUDA int4 kernel (compute capability 8.0 on) reads the layer's own nibbles, scales and
+    zeros: its product is the dequantized weights' within the rounding of bf16, which it computes in."""
+    device, dtype = place
+    if device != "cuda" or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("torch's int4 kernel is for CUDA GPUs of compute capability 8.0 on")
+    g = torch.Generator().manual_seed(0)
+    layer = Int4Linear(192, 96, 64, dtype, kernel_layout=False).quantize_(torch.randn(96, 192, generator=g))
+    x = torch.randn(5, 192, generator=g)
+    want = x @ layer.dequantized(torch.float32).T
+    got = layer.to(device)(x.to(device, dtype))
+    assert layer._torch_copy is not None and layer._torch_copy[0].device.type == "cuda"  # the kernel ran
+    assert got.dtype == dtype
+    close(got, want, torch.bfloat16)
 
 
 def test_the_memory_check_reads_the_devices_free_memory(folder, place):
