@@ -13,8 +13,9 @@ On this workplace's GPU machines nothing can be installed: carry fire, termcolor
 (`pip wheel --no-deps -w .whl fire termcolor gguf`, .whl ignored by git) and start each command with
 `pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD`.
 On an H200 machine (16 cores) the tests took 200 s and the benchmark over 5 minutes for five of
-its seven peers, more than one 10-minute call holds: run `--part tests` in one call, put its JSON
-at bench/results/device_check.json, then `--part bench` in a second call, which keeps those tests.
+its seven peers (at 128 new tokens per decode; 64 since), more than one 10-minute call holds: run
+`--part tests` in one call, put its JSON at bench/results/device_check.json, then `--part bench` in
+a second call, which keeps those tests.
 """
 
 import argparse
@@ -197,7 +198,7 @@ def main() -> None:
     ap.add_argument("--peers", default=None, help=f"default on a GPU: {','.join(GPU_PEERS)}")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--new_tokens", type=int, default=None, help="decode steps per workload (128 on a GPU)")
+    ap.add_argument("--new_tokens", type=int, default=None, help="decode steps per workload (64 on a GPU)")
     ap.add_argument("--tests", default=None, help="pytest arguments (the whole suite on a GPU; '' skips)")
     ap.add_argument("--test_timeout", type=int, default=300)
     ap.add_argument("--peer_timeout", type=int, default=300, help="seconds for one peer's process")
@@ -218,7 +219,7 @@ def main() -> None:
     gpu = device == "cuda"
     shape = opts.shape or ("7b" if gpu else "tiny")
     peers = (opts.peers or ",".join(GPU_PEERS if gpu else CPU_PEERS)).split(",")
-    opts.new_tokens = opts.new_tokens or (128 if gpu else 8)
+    opts.new_tokens = opts.new_tokens or (64 if gpu else 8)
     opts.threads = os.cpu_count()
     if not gpu:
         opts.workloads = ",".join(w for w in opts.workloads.split(",") if w != "prefill_2048")
