@@ -1,6 +1,7 @@
 """The invariants on every device present, in the dtypes users get there: the CPU in float32 and
-bfloat16 (its default), CUDA in float16 (its default) and bfloat16, MPS in float16. A device this
-machine lacks is collected and skipped with the reason. The reference is always float32 on the CPU,
+bfloat16 (its default), and float16 (CUDA's default: its roundings checked on every machine); CUDA
+in float16 (its default) and bfloat16, MPS in float16. A device this machine lacks is collected
+and skipped with the reason. The reference is always float32 on the CPU,
 which the other tests hold to Meta's and Hugging Face's numbers within 1e-4. What depends on the
 device is here: logits (against transformers too), merged shards, the cache, batching, Meta's
 loop and its random draws, greedy ids, streaming, quantized layers, the memory check and the CLI.
@@ -37,6 +38,7 @@ from llama.runtime import available_memory
 PLACES = [
     ("cpu", torch.float32),
     ("cpu", torch.bfloat16),
+    ("cpu", torch.float16),
     ("cuda", torch.float16),
     ("cuda", torch.bfloat16),
     ("mps", torch.float16),
