@@ -191,14 +191,18 @@ class MetaCheckpoint:
                 for key, tensor in shard.items():
                     target = expected[key]
                     dim = split_dim(key, tensor.shape, self.args)
+                    source = tensor
+                    if target.device.type == "cuda" and tensor.dtype != target.dtype:
+                        # converted on the device: copy_ would convert on the CPU first, a pass over every weight
+                        source = tensor.to(target.device)
                     if len(shards) == 1 and tensor.dtype == target.dtype and target.device.type == "cpu":
                         in_place[key] = tensor
                     elif dim is not None:
                         size = tensor.shape[dim]
-                        target.narrow(dim, i * size, size).copy_(tensor)
+                        target.narrow(dim, i * size, size).copy_(source)
                     elif i == 0:
-                        target.copy_(tensor)
-                    elif not torch.equal(target, tensor.to(target)):
+                        target.copy_(source)
+                    elif not torch.equal(target, source.to(target)):
                         raise ValueError(f"{self.paths[i]} disagrees with {self.paths[0]} on replicated {key}")
                     if key not in in_place:
                         release_mapped([tensor], spans)  # copied: its file pages need not stay resident
