@@ -50,6 +50,8 @@ COMMANDS = {
     ),
     "device_check.json": "python bench/device_check.py",
 }
+# Peers whose weights are quantized (name endings): not the 16-bit weights speed.roofline counts.
+QUANTIZED = ("int8", "int4", "q8_0", "q4_0")
 # The comparisons shown: each of ours against the peer of the same kind, in this order.
 COUNTERPARTS = (
     ("ours", "hf"),
@@ -174,7 +176,11 @@ def roofline_table(result: dict) -> str:
     """Each workload's roofline on the machine of the run beside every peer's tokens/s and its share of it."""
     if "rooflines" not in result:
         return ""
-    peers = list(dict.fromkeys(p for shape in result["shapes"].values() for p in shape))
+    # the rooflines count 16-bit weights: quantized rows have theirs in `b1 / ceiling`, from their own bytes
+    peers = [p for shape in result["shapes"].values() for p in shape if not p.endswith(QUANTIZED)]
+    peers = list(dict.fromkeys(peers))
+    if not peers:
+        return ""
     rows = []
     for shape, limits in result["rooflines"].items():
         for w, limit in limits.items():
