@@ -85,6 +85,12 @@ def complete(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     prompts = prompts or EXAMPLE_PROMPTS
+    batching = bool(prompts_file) and not meta_schedule and not stream
+    if compile and batching:
+        raise ValueError(
+            "--compile captures the decode steps of Meta's schedule, and a --prompts_file runs by continuous "
+            "batching, which it does not capture: add --meta_schedule to use it, or drop --compile"
+        )
     llm = LLaMa.build(
         ckpt_dir,
         tokenizer_path,
@@ -105,7 +111,7 @@ def complete(
         repetition_penalty=repetition_penalty,
         stop=stop,
     )
-    if prompts_file and not meta_schedule and not stream:
+    if batching:
         with open(out, "w", encoding="utf-8") if out and RANK == 0 else nullcontext() as sink:
             write_many(prompts, llm.complete_many(prompts, **options), sink, quiet=bool(out))
         return
