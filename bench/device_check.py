@@ -176,7 +176,7 @@ def print_table(result: dict) -> None:
     limits = result["limits"]
     print(f"copy bandwidth {limits['copy_gbs']:.0f} GB/s, bf16 GEMM {limits['gemm_bf16_tflops']:.1f} TFLOP/s")
     for shape, bench in result["shapes"].items():
-        cols = [*WORKLOADS, "load_s", "peak_mb", "b1_bw", "p512_gemm"]
+        cols = [*WORKLOADS, "load_s", "peak_mb", "cache_mb", "b1_bw", "p512_gemm"]
         print(
             f"\n{shape} (tokens/s; peak memory of the process's device)\n{'peer':<20}"
             + "".join(f"{c:>13}" for c in cols)
@@ -186,7 +186,7 @@ def print_table(result: dict) -> None:
                 print(f"{peer:<20}failed: {row['error'].strip().splitlines()[-1]}")
                 continue
             peak = row.get("peak_gpu_bytes", row["peak_rss_bytes"]) / 1e6
-            vals = [row.get(w) for w in WORKLOADS] + [row["load_s"], peak]
+            vals = [row.get(w) for w in WORKLOADS] + [row["load_s"], peak, row.get("cache_bytes", 0) / 1e6 or None]
             vals += [row.get("decode_b1_bandwidth_fraction"), row.get("prefill_512_gemm_fraction")]
             print(f"{peer:<20}" + "".join(f"{v:>13.2f}" if v is not None else f"{'-':>13}" for v in vals))
 

@@ -65,6 +65,8 @@ class Ours:
             compile="compiled" in parts,
         )
         self.weight_bytes = weight_bytes(self.llm.model)  # state_dict() would unpack packed weights
+        attentions = [layer.attention for layer in self.llm.model.layers]
+        self.cache_bytes = sum(a.cache_k.nbytes + a.cache_v.nbytes for a in attentions)  # allocated by build
 
     def generate(self, batch: list[list[int]], new_tokens: int) -> int:
         tokens, _ = self.llm.generate(batch, new_tokens, temperature=0)
@@ -164,6 +166,8 @@ def main() -> None:
     t = time.perf_counter()
     model = {"ours": Ours, "hf": HF, "llamacpp": LlamaCpp}[peer](path, threads, max_batch, max_len, device, variant)
     result = {"load_s": time.perf_counter() - t, "weight_bytes": model.weight_bytes}
+    if hasattr(model, "cache_bytes"):  # ours: the KV cache for the largest workload, in the peak from the start
+        result["cache_bytes"] = model.cache_bytes
     for name, (batch, length, prefill) in specs.items():
         ids, n = prompts(batch, length), 1 if prefill else new_tokens
         t = time.perf_counter()

@@ -628,7 +628,8 @@ GPU_WORKLOADS = {**WORKLOADS, "prefill_2048": "prefill 2048"}
 
 def device_check_table(result: dict) -> str:
     bench = next(iter(result["shapes"].values()))  # one shape
-    head = ["peer", *(GPU_WORKLOADS[w] + " tok/s" for w in GPU_WORKLOADS), "load s", "peak MB", "b1 / ceiling"]
+    head = ["peer", *(GPU_WORKLOADS[w] + " tok/s" for w in GPU_WORKLOADS), "load s", "peak MB", "of it KV cache MB"]
+    head.append("b1 / ceiling")
     rows = []
     for peer, row in bench["peers"].items():
         if "error" in row:
@@ -636,8 +637,9 @@ def device_check_table(result: dict) -> str:
             continue
         peak = row.get("peak_gpu_bytes", row["peak_rss_bytes"])
         cells = [f"{row[w]:.1f}" if w in row else "-" for w in GPU_WORKLOADS]
+        cache = mb(row["cache_bytes"]) if "cache_bytes" in row else "-"
         share = row.get("decode_b1_bandwidth_fraction")
-        rows.append([peer, *cells, f"{row['load_s']:.1f}", mb(peak), "-" if share is None else f"{share:.0%}"])
+        rows.append([peer, *cells, f"{row['load_s']:.1f}", mb(peak), cache, "-" if share is None else f"{share:.0%}"])
     return md_table(head, rows)
 
 
@@ -650,7 +652,9 @@ def device_check_paragraphs(result: dict) -> list[str]:
         f"Run on {result['date']} on {where} ({versions}): the test suite on that machine, then this project and "
         f"transformers on the same random `{shape}`-shaped weights, {result['new_tokens']} new tokens per decode "
         "workload, each peer in its own process. Peak memory is the process's GPU allocator peak (resident memory "
-        "on a CPU). `b1 / ceiling` is batch-1 decode against the card's copy bandwidth "
+        "on a CPU); ours includes the KV cache that `LLaMa.build` allocates once for the largest batch and the "
+        "longest workload (`of it KV cache MB`), where transformers grows one per call. `b1 / ceiling` is batch-1 "
+        "decode against the card's copy bandwidth "
         f"({limits['copy_gbs']:.0f} GB/s measured; its bf16 GEMM ran at {limits['gemm_bf16_tflops']:.1f} TFLOP/s)."
     )
     counts = ", ".join(f"{tests[k]} {k}" for k in ("passed", "failed", "skipped") if k in tests)
