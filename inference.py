@@ -80,17 +80,11 @@ def complete(
     file runs by continuous batching (a prompt takes a row's place as soon as it ends; greedy
     output is each prompt's run alone), with a progress bar on a terminal; --meta_schedule runs
     it in batches of --max_batch_size in file order, as Meta's code does (the same samples as
-    --prompt). --compile (CUDA) runs Meta's schedule's decode steps as CUDA graphs.
+    --prompt). --compile (CUDA) runs the decode steps as CUDA graphs.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     prompts = prompts or EXAMPLE_PROMPTS
-    batching = bool(prompts_file) and not meta_schedule and not stream
-    if compile and batching:
-        raise ValueError(
-            "--compile captures the decode steps of Meta's schedule, and a --prompts_file runs by continuous "
-            "batching, which it does not capture: add --meta_schedule to use it, or drop --compile"
-        )
     llm = LLaMa.build(
         ckpt_dir,
         tokenizer_path,
@@ -111,7 +105,7 @@ def complete(
         repetition_penalty=repetition_penalty,
         stop=stop,
     )
-    if batching:
+    if prompts_file and not meta_schedule and not stream:
         with open(out, "w", encoding="utf-8") if out and RANK == 0 else nullcontext() as sink:
             write_many(prompts, llm.complete_many(prompts, **options), sink, quiet=bool(out))
         return

@@ -145,7 +145,10 @@ class Scheduler:
         rows = self.rows
         lengths = to_device(torch.tensor([row.length for row in rows]), self.history.device)
         last = self.history[: len(rows)].gather(1, (lengths - 1)[:, None])
-        logits = decode_rows(self.model, last, lengths - 1, max(row.length for row in rows))
+        if self.llm.step is not None:  # build(compile=True): one captured step for every number of rows
+            logits = self.llm.step.rows(last, lengths - 1)
+        else:
+            logits = decode_rows(self.model, last, lengths - 1, max(row.length for row in rows))
         for b, (token, lp) in enumerate(self._sample(logits, 0, rows, lengths)):
             if self._advance(rows[b], token, None if lp is None else [lp]):
                 yield rows[b].result(self.echo, self.logprobs)

@@ -1,8 +1,10 @@
 """A decode step whose shapes never change, so that torch.compile can capture it once (gpt-fast's
-way): the position is a tensor, the new keys and values are written into the static KV cache with
-index_copy_, and attention reads the whole cache under a mask of the positions written so far.
-With mode="reduce-overhead" on CUDA the step replays as one CUDA graph. Layout: B batch, S cache
-positions, H heads, D head dim; the counterpart of llama.model's Attention.forward for T = 1.
+way): each row's position is a tensor, the new keys and values are written into the static KV
+cache at those positions, and attention reads the whole cache under a mask of the positions each
+row has written. With mode="reduce-overhead" on CUDA the step replays as one CUDA graph. It serves
+Meta's schedule (every row at one position) and continuous batching (each row at its own, the batch
+padded to the cache's rows). Layout: B batch, S cache positions, H heads, D head dim; the
+counterpart of llama.model's Attention.forward for T = 1 and of llama.batching's decode_rows.
 """
 
 import time
@@ -15,16 +17,15 @@ from llama.model import Transformer
 
 class StaticDecode:
     """step(tokens [B, 1], start_pos) -> float32 logits [B, vocab], the last position's logits of
-    model(tokens, start_pos), computed over max_seq_len cache positions whatever start_pos is."""
+    model(tokens, start_pos), computed over max_seq_len cache positions whatever start_pos is;
+    step.rows(tokens [B, 1], positions [B]) -> decode_rows' logits, row b at positions[b]."""
 
     def __init__(self, model: Transformer, mode: str | None = "reduce-overhead"):
         if model.freqs_cis is None:
             raise ValueError("StaticDecode needs the model's KV cache: call model.setup_cache() first")
         self.model = model
-        device = model.freqs_cis.device
         self.freqs_cis: torch.Tensor | None = None  # the cache's rotations, of which cos and sin are the parts
-        self.cos = self.sin = self.positions = None
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # one buffer: a graph reads it in place
+        self.cos = self.sin = self.positions = self.pos = self.tokens = None
         self.mode = mode
         self.compiled = self.eager if mode is None else torch.compile(self.eager, mode=mode, dynamic=False)
         self.warmup_s: float | None = None  # the first call's seconds: compiling (capture follows in the next calls)
@@ -36,36 +37,64 @@ class StaticDecode:
                 f"a decode step takes one new token per row inside the cache, not {tuple(tokens.shape)} at "
                 f"start_pos={start_pos} (max_seq_len={self.model.max_seq_len})"
             )
-        if self.freqs_cis is not self.model.freqs_cis:  # the first call, or setup_cache ran again
-            self.freqs_cis = self.model.freqs_cis
+        self._follow_cache()
+        bsz = tokens.shape[0]
+        self.pos[:bsz].fill_(start_pos)  # a device-side write: no host synchronisation
+        return self._run(tokens, self.pos[:bsz])
+
+    def rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Continuous batching's step: tokens [n, 1] of the cache's rows 0..n-1, row b's at
+        positions[b] (on the device). Run over all max_batch_size rows, so that one graph serves
+        every n: the rows past n compute on their free slots, whose contents no row reads before
+        a prompt's prefill writes them again."""
+        self._follow_cache()
+        n = tokens.shape[0]
+        self.tokens[:n].copy_(tokens)
+        self.pos[:n].copy_(positions)
+        return self._run(self.tokens, self.pos)[:n]
+
+    def _follow_cache(self) -> None:
+        """The step's own tensors, made again on the first call and whenever setup_cache ran again.
+        Marked static: a CUDA graph reads them in place rather than copying them in at each replay."""
+        m = self.model
+        if self.freqs_cis is m.freqs_cis:
+            return
+        self.freqs_cis, device = m.freqs_cis, m.freqs_cis.device
+        with torch.inference_mode(False):  # written in place by calls inside inference mode (Meta's loop) and out
             self.cos, self.sin = self.freqs_cis.real.contiguous(), self.freqs_cis.imag.contiguous()
-            self.positions = torch.arange(self.model.max_seq_len, device=self.pos.device)
-        self.pos.fill_(start_pos)  # a device-side write: no host synchronisation
-        args = (tokens, self.pos, self.cos[start_pos : start_pos + 1], self.sin[start_pos : start_pos + 1])
+            self.positions = torch.arange(m.max_seq_len, device=device)
+            self.pos = torch.zeros(m.max_batch_size, dtype=torch.long, device=device)
+            self.tokens = torch.zeros(m.max_batch_size, 1, dtype=torch.long, device=device)
+        if self.mode is not None:
+            for t in (self.cos, self.sin, self.positions, self.pos, self.tokens):
+                torch._dynamo.mark_static_address(t)
+
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.calls:
             self.calls += 1
-            return self.compiled(*args).clone()  # a graph's output is overwritten by its next replay
+            return self.compiled(tokens, pos).clone()  # a graph's output is overwritten by its next replay
         t = time.perf_counter()
-        logits = self.compiled(*args).clone()
+        logits = self.compiled(tokens, pos).clone()
         logits.sum().item()  # wait for the compilation's first run to finish
         self.warmup_s, self.calls = time.perf_counter() - t, 1
         return logits
 
-    def eager(self, tokens: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The step; cos and sin [1, D/2] are the rotation at pos (freqs_cis's parts: inductor
-        leaves complex numbers to eager kernels)."""
+    def eager(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The step: row b's token at position pos[b]. Rotations are freqs_cis's parts, cos and sin
+        (inductor leaves complex numbers to eager kernels)."""
         m = self.model
         bsz = tokens.shape[0]
-        cos, sin = cos[:, None], sin[:, None]  # [1, 1, D/2], broadcast over B and H
-        visible = (self.positions <= pos)[None]  # [1, S]: the cache up to and including this token
+        rows = torch.arange(bsz, device=tokens.device)
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D/2]
+        visible = (self.positions[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, S]: up to and including pos
         h = m.tok_embeddings(tokens)
         for layer in m.layers:
             a = layer.attention
             xq, xk, xv = a.project(layer.attention_norm(h))
             xq, xk = rotate(xq, cos, sin), rotate(xk, cos, sin)
             keys, values = a.cache_k[:bsz], a.cache_v[:bsz]  # [B, Hkv, S, D]
-            keys.index_copy_(2, pos, xk.transpose(1, 2))
-            values.index_copy_(2, pos, xv.transpose(1, 2))
+            keys[rows, :, pos] = xk[:, 0]
+            values[rows, :, pos] = xv[:, 0]
             out = F.scaled_dot_product_attention(
                 xq.transpose(1, 2), keys, values, attn_mask=visible, enable_gqa=a.n_kv_heads != a.n_heads
             )

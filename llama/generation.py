@@ -68,9 +68,9 @@ class LLaMa:
         keeps the weights in oneDNN's layout instead, faster for batches and prompts, slower at
         batch 1. Inside a torch.distributed process group of several processes (torchrun), each
         process builds its part of the model, split over them all (see llama.parallel).
-        compile=True (CUDA, one process) runs each decode step of Meta's schedule (generate and the
-        completions built on it, not complete_many) as one captured CUDA graph (see llama.compiled):
-        the first steps at each batch size compile it, which takes a while.
+        compile=True (CUDA, one process) runs each decode step as one captured CUDA graph (see
+        llama.compiled): the first steps at each batch size compile it (complete_many's at
+        max_batch_size), which takes a while.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")

@@ -1,12 +1,14 @@
 """The static-shape decode step (llama.compiled): the same logits and cache as the model's own
-forward, eager and compiled by inductor on the CPU; generation through it draws the same ids.
-CUDA graphs (mode="reduce-overhead") are checked in tests/test_devices.py on a GPU."""
+forward (Meta's schedule) and as decode_rows (continuous batching), eager and compiled by inductor
+on the CPU; generation and complete_many through it draw the same ids. CUDA graphs
+(mode="reduce-overhead") are checked in tests/test_devices.py on a GPU."""
 
 import pytest
 import torch
 from conftest import GQA, MHA, tokens
 
 from llama import LLaMa
+from llama.batching import decode_rows, one_slot
 from llama.compiled import StaticDecode
 from llama.model import ModelArgs, Transformer
 
@@ -41,6 +43,35 @@ def test_each_step_gives_a_full_forwards_logits_and_cache(params, mode):
         torch.testing.assert_close(layer.attention.cache_k[:, :, :10], k, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("params", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("mode", [None, "default"], ids=["eager", "inductor"])
+@torch.inference_mode()
+def test_a_rows_step_gives_decode_rows_logits_and_cache(params, mode):
+    """Rows at their own positions (5 and 3 tokens in, of a 3-row cache): the padded step's logits
+    and the keys it writes are decode_rows'."""
+    m = model(params)
+    m.setup_cache(3, 16)
+    x = tokens(params["vocab_size"], 2, 6)
+    lengths = torch.tensor([5, 3])
+
+    def after_prefill():
+        for layer in m.layers:
+            layer.attention.cache_k.zero_(), layer.attention.cache_v.zero_()
+        for slot, n in enumerate(lengths.tolist()):
+            with one_slot(m, slot):
+                m(x[slot : slot + 1, :n], 0)
+        return x.gather(1, lengths[:, None])  # each row's next token, at position lengths[b]
+
+    want = decode_rows(m, after_prefill(), lengths, 6)
+    cache = [layer.attention.cache_k[:2].clone() for layer in m.layers]
+    step = StaticDecode(m, mode)
+    got = step.rows(after_prefill(), lengths)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for layer, k in zip(m.layers, cache):
+        torch.testing.assert_close(layer.attention.cache_k[:2], k, atol=1e-6, rtol=0)
+    assert step.pos.tolist() == [5, 3, 0] and step.tokens.shape == (3, 1)  # padded to the cache's rows
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_generation_through_the_step_draws_the_same_ids(make_ckpt, temperature):
     folder, _ = make_ckpt(GQA, 2)
@@ -53,6 +84,11 @@ def test_generation_through_the_step_draws_the_same_ids(make_ckpt, temperature):
     assert stepped.step.calls >= 19  # the steps went through it
     stepped.model.setup_cache(2, 40)  # new cache tensors and length: the step follows them
     assert stepped.generate(prompts, 20, temperature)[0] == plain.generate(prompts, 20, temperature)[0]
+    calls = stepped.step.calls
+    many = [[1, 5, 9, 14, 3], [1, 40], [1, 7, 7], [1, 2, 3, 4, 5, 6, 7]]  # more prompts than rows: slots refill
+    want = [c.tokens for c in plain.complete_many(many, temperature, max_gen_len=[12, 20, 6, 9])]
+    assert [c.tokens for c in stepped.complete_many(many, temperature, max_gen_len=[12, 20, 6, 9])] == want
+    assert stepped.step.calls > calls  # complete_many's steps went through it
 
 
 def test_compile_is_for_cuda_and_a_step_is_one_token(make_ckpt):

@@ -31,6 +31,7 @@ from test_generation import assert_same_as_meta
 from test_model import hf_model
 
 from llama import LLaMa
+from llama.batching import decode_rows, one_slot
 from llama.loading import BUILTIN_MODEL
 from llama.quantized_linear import Int4Linear
 from llama.runtime import available_memory
@@ -180,6 +181,17 @@ def test_compiled_decode_steps_equal_the_models_forward(folder, place):
     llm.generate([[1, 5, 9]], 8, temperature=0)
     assert llm.step.calls > x.shape[1] - 3  # generation's one-token steps went through the graph
 
+    lengths = torch.tensor([5, 3], device=device)  # continuous batching: each row at its own position
+
+    def prefill() -> torch.Tensor:
+        for slot, n in enumerate(lengths.tolist()):
+            with one_slot(llm.model, slot):
+                llm.model(x[slot : slot + 1, :n], 0)
+        return x.gather(1, lengths[:, None])
+
+    want = decode_rows(llm.model, prefill(), lengths, 6).cpu()
+    close(llm.step.rows(prefill(), lengths), want, dtype)
+
 
 def test_a_batch_computes_what_each_prompt_does_alone(folder, place):
     device, dtype = place
@@ -239,16 +251,16 @@ def synchronisations(run) -> Counter:
     return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
 
 
-@pytest.mark.parametrize("how", ["generate", "complete_many", "compiled"])
+@pytest.mark.parametrize("how", ["generate", "complete_many", "compiled", "compiled-complete_many"])
 def test_a_decode_step_makes_the_host_wait_for_the_gpu_once(folder, how):
     """A decode step copies its new ids to the host once (the schedule needs them: stop ids, text),
     and nothing else in it waits for the GPU: from 8 to 24 new tokens, one place waits 16 times more."""
     if (reason := missing("cuda")) is not None:
         pytest.skip(reason)
-    llm = build(folder, "cuda", torch.float16, compile=how == "compiled")
+    llm = build(folder, "cuda", torch.float16, compile=how.startswith("compiled"))
     llm.tokenizer.stop_ids = (-1,)  # no row ends early: each run takes max_gen_len tokens in every row
     prompts = [[1, 5, 9], [1, 40, 41, 2, 8]]
-    if how == "complete_many":
+    if how.endswith("complete_many"):
         run = lambda n: [c.tokens for c in llm.complete_many(prompts, temperature=0.8, max_gen_len=n)]  # noqa: E731
     else:
         run = lambda n: llm.generate(prompts, n, temperature=0.8)[0]  # noqa: E731

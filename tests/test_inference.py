@@ -124,9 +124,6 @@ def test_bad_input_exits_with_the_message(folder, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     r = run("--ckpt_dir", str(folder), "--prompts_file", str(tmp_path / "bad.jsonl"))
     assert r.returncode != 0 and 'bad.jsonl:1 is not a JSON object with a "prompt" field' in r.stderr
-    (tmp_path / "prompts.txt").write_text("the king\n")
-    r = run("--ckpt_dir", str(folder), "--prompts_file", str(tmp_path / "prompts.txt"), "--compile")
-    assert r.returncode == 1 and "continuous batching, which it does not capture: add --meta_schedule" in r.stderr
 
 
 def test_streamed_batch_prints_what_the_batch_prints(folder):
