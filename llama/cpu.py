@@ -7,7 +7,7 @@ their arithmetic; llama.kernels' compiled ops do that work in one call each:
 - GroupedQueryAttention (every dtype): a GQA decode step's attention as one product per kv head.
 - GemvLinear (bf16, the build default): inputs of up to GEMV_ROWS rows go to the compiled GEMV;
   where it cannot build, one-row inputs go to ATen's GEMV (F.linear's numbers, oneDNN switched off
-  around the call). More rows go to oneDNN.
+  around the call). More rows go to oneDNN, at a few rounded row counts (onednn_rows).
 - KernelRMSNorm and KernelAttention (bf16): RMSNorm, RoPE and a decode step's attention in the kernels.
 - PackedLinear (bf16, pack=True): the weight reordered once into oneDNN's blocked layout, the
   fastest for prompts and batched decoding but slower at batch 1.
@@ -45,6 +45,27 @@ def aten_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         torch.backends.mkldnn.enabled = True
 
 
+def onednn_rows(rows: int) -> int:
+    """The rows a oneDNN GEMM runs for `rows` input rows: rounded up to one of 8 sizes per power of
+    two, at most 1/8 more. oneDNN builds and keeps a kernel, megabytes, for every row count it sees,
+    so prompts of every length grew a batch run's memory without bound (2.8 MB per prompt length on
+    the built-in model); rounded, a few dozen sizes cover lengths up to 8192."""
+    step = 1 << max(0, rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
+def rounded_rows(linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) computed over onednn_rows of x's rows, the added rows zeros and their outputs
+    dropped (the others' sums are those of x alone: oneDNN's rows do not mix)."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    padded = onednn_rows(rows)
+    if padded == rows:
+        return linear(x)
+    out = linear(F.pad(flat, (0, 0, 0, padded - rows)))[:rows]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class GemvLinear(nn.Linear):
     """nn.Linear whose calls with few rows run in a matrix-vector kernel instead of oneDNN's GEMM."""
 
@@ -53,7 +74,9 @@ class GemvLinear(nn.Linear):
         kernels = compiled_kernels() if 0 < rows <= GEMV_ROWS and self.bias is None else None
         if kernels is not None and kernel_can_run(x, self.weight):
             return kernels.gemv_bf16(x.contiguous(), self.weight)
-        return aten_linear(x, self.weight, self.bias) if rows == 1 else F.linear(x, self.weight, self.bias)
+        if rows == 1:
+            return aten_linear(x, self.weight, self.bias)
+        return rounded_rows(lambda t: F.linear(t, self.weight, self.bias), x)
 
 
 class PackedLinear(nn.Module):
@@ -70,7 +93,7 @@ class PackedLinear(nn.Module):
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return rounded_rows(lambda t: torch.ops.mkldnn._linear_pointwise(t, self.packed, None, "none", [], ""), x)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight

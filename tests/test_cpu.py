@@ -21,6 +21,7 @@ from llama.cpu import (
     KernelRMSNorm,
     PackedLinear,
     onednn_bf16,
+    onednn_rows,
     pack_linears,
     plain_modules,
     weight_bytes,
@@ -208,6 +209,29 @@ def test_fallback_and_packed_linears_give_f_linear_numbers_and_state_dict(make_c
     assert weight_bytes(fast.model) == weight_bytes(plain.model)
     assert plain_modules(fast.model) == 7 * GQA["n_layers"] + 1  # packed or routed linears back to nn.Linear
     assert torch.equal(fast.model(x, 0), plain.model(x, 0))
+
+
+def test_prompt_lengths_run_at_a_few_row_counts_within_an_eighth():
+    counts = {rows: onednn_rows(rows) for rows in range(33, 8193)}
+    assert all(rows <= n <= rows * 9 / 8 for rows, n in counts.items())
+    assert len(set(counts.values())) == 64  # for every prompt length up to 8192; there was one per length
+
+
+@pytest.mark.parametrize("pack", [False, pytest.param(True, marks=needs_onednn_bf16)], ids=["gemv", "packed"])
+def test_a_prompts_linears_run_at_rounded_rows_with_f_linears_numbers(pack, monkeypatch):
+    """oneDNN keeps a kernel per row count: prompts reach it at onednn_rows, zeros added, and each
+    row's outputs are those of F.linear on the prompt alone, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 64, generator=g).bfloat16()
+    linear = PackedLinear(weight) if pack else GemvLinear(64, 48, bias=False, dtype=torch.bfloat16)
+    if not pack:
+        linear.weight.data.copy_(weight)
+    seen, pad = [], F.pad
+    monkeypatch.setattr(F, "pad", lambda t, p: seen.append(t.shape[0] + p[-1]) or pad(t, p))  # the rows run
+    for rows in (33, 37, 100, 257, 600):
+        x = torch.randn(1, rows, 64, generator=g).bfloat16()
+        assert torch.equal(linear(x), F.linear(x, weight))
+    assert seen == [36, 40, 104, 288, 640]
 
 
 @needs_onednn_bf16
