@@ -1,10 +1,11 @@
 """One command that proves a GPU machine: the device, torch and CUDA versions; the test suite, whose
 tests/test_devices.py runs each invariant on every device present; then decode at batch 1, 8 and
-32, prefill of 512 and 2048 tokens, load time and peak GPU memory for this project (fp16, bf16,
-int8, int4, fp16 with compiled decode steps) and Hugging Face transformers (fp16, bf16) on the
-same random Llama 2 7B-shaped weights, beside the card's measured copy bandwidth and GEMM peak.
-Prints a table and writes JSON. Without a GPU it says so and runs the same steps on a tiny model
-on the CPU (CI's smoke run). Each peer runs in its own process (bench/peers.py).
+32, prefill of 512 and 2048 tokens, complete_many over 64 prompts (ours, eager and compiled),
+load time and peak GPU memory for this project (fp16, bf16, int8, int4, fp16 with compiled decode
+steps) and Hugging Face transformers (fp16, bf16) on the same random Llama 2 7B-shaped weights,
+beside the card's measured copy bandwidth and GEMM peak. Prints a table and writes JSON. Without a
+GPU it says so and runs the same steps on a tiny model on the CPU (CI's smoke run). Each peer runs
+in its own process (bench/peers.py).
 
     python bench/device_check.py                  # -> bench/results/device_check.json
     python bench/device_check.py --smoke --out /tmp/device_check.json
@@ -34,12 +35,15 @@ from pathlib import Path
 from speed import SHAPES, make_models, run_peer  # bench/speed.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = ("decode_b1", "decode_b8", "decode_b32", "prefill_512", "prefill_2048")
+WORKLOADS = ("decode_b1", "decode_b8", "decode_b32", "prefill_512", "prefill_2048", "many_64")
 # in this order: what a cut-short run must not miss first
 GPU_PEERS = ("ours-fp16", "ours-fp16-compiled", "hf-fp16", "ours-bf16", "hf-bf16", "ours-int8", "ours-int4")
 CPU_PEERS = ("ours-bf16", "ours-int8", "hf-bf16")
-# Each compiled batch size compiles its own graph (a minute or so): the compiled variant decodes at batch 1 and 8.
-ONLY = {"ours-fp16-compiled": ("decode_b1", "decode_b8")}
+# Each compiled batch size compiles its own graph (a minute or so): the compiled variant decodes at batch 1 and
+# runs complete_many (the batch completion script's job, one graph). That, many_64, is for this project's
+# unquantized peers alone: transformers has no continuous batching.
+ONLY = {"ours-fp16-compiled": ("decode_b1", "many_64")}
+NOT_MANY = ("hf-fp16", "hf-bf16", "ours-int8", "ours-int4")
 
 
 def environment(device: str) -> dict:
@@ -135,7 +139,8 @@ def benchmark(shape: str, peers: list[str], device: str, opts, limits: dict, sav
             f"{shape}: random weights written in Meta's and Hugging Face's layouts in {time.perf_counter() - t:.0f} s"
         )
         for peer in peers:
-            workloads = [w for w in opts.workloads.split(",") if w in ONLY.get(peer, WORKLOADS)]
+            allowed = ONLY.get(peer, [w for w in WORKLOADS if not (w.startswith("many") and peer in NOT_MANY)])
+            workloads = [w for w in opts.workloads.split(",") if w in allowed]
             try:
                 runs = [run_peer(peer, paths[peer], workloads, opts, device) for _ in range(opts.rounds)]
             except (RuntimeError, subprocess.TimeoutExpired) as e:  # one peer's failure is a finding

@@ -1,7 +1,8 @@
 """One peer, one process (run by bench/speed.py and bench/device_check.py): load the model, warm
 up, time each workload and print a JSON line of tokens/s, load seconds, warm-up seconds and peak
 memory (resident, or the GPU's allocator on CUDA). Greedy decoding throughout; prompts are the same
-random ids for every peer. Decode runs once per round; a prefill, being short, three times (median).
+random ids for every peer. Decode runs once per round; a prefill, being short, three times (median);
+many_N (ours alone) is complete_many over N prompts of mixed lengths, new ids per second.
 
     python bench/peers.py ours|hf|llamacpp[-VARIANT] PATH decode_b1,prefill_512,... NEW_TOKENS THREADS [DEVICE]
 
@@ -34,9 +35,27 @@ def prompts(batch: int, length: int) -> list[list[int]]:
 
 
 def workload(name: str) -> tuple[int, int, bool]:
-    """(batch, prompt length, is prefill) of a workload name like decode_b8 or prefill_512."""
+    """(batch, prompt length, is prefill) of a workload name like decode_b8 or prefill_512; many_N
+    (complete_many over N prompts, ours alone) is MANY_ROWS rows at a time, prompts up to MANY_LEN."""
     kind, arg = name.split("_")
+    if kind == "many":
+        return MANY_ROWS, MANY_LEN, False
     return (1, int(arg), True) if kind == "prefill" else (int(arg[1:]), PROMPT_LEN, False)
+
+
+MANY_ROWS, MANY_LEN = 32, 256
+# Decode steps before timing: a compiled step is compiled at the first, run once more, then captured
+# as a CUDA graph (torch's cudagraph trees), so that the timed steps replay it.
+WARM_STEPS = 3
+
+
+def many_prompts(n: int, new_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """n prompts of 16..MANY_LEN random ids and their max_gen_len, new_tokens / 4..new_tokens:
+    the batch completion script's mixed lengths."""
+    rng = np.random.default_rng(n)
+    prompts = [rng.integers(3, 32000, size=k).tolist() for k in rng.integers(16, MANY_LEN + 1, size=n)]
+    budgets = rng.integers(max(1, new_tokens // 4), new_tokens + 1, size=n).tolist()
+    return prompts, budgets
 
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -71,6 +90,10 @@ class Ours:
     def generate(self, batch: list[list[int]], new_tokens: int) -> int:
         tokens, _ = self.llm.generate(batch, new_tokens, temperature=0)
         return sum(map(len, tokens))
+
+    def many(self, prompts: list[list[int]], max_gen_len: list[int]) -> int:
+        """complete_many's new ids (rows may end early at a stop id)."""
+        return sum(len(c.tokens) for c in self.llm.complete_many(prompts, 0.0, max_gen_len=max_gen_len))
 
 
 class HF:
@@ -169,9 +192,18 @@ def main() -> None:
     if hasattr(model, "cache_bytes"):  # ours: the KV cache for the largest workload, in the peak from the start
         result["cache_bytes"] = model.cache_bytes
     for name, (batch, length, prefill) in specs.items():
+        if name.startswith("many"):
+            many, budgets = many_prompts(int(name.split("_")[1]), new_tokens)
+            t = time.perf_counter()
+            model.many(many[:2], [WARM_STEPS + 1] * 2)  # warm-up (a compiled step compiles at all rows)
+            result[f"{name}_warmup_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            produced = model.many(many, budgets)
+            result[name] = produced / (time.perf_counter() - t)
+            continue
         ids, n = prompts(batch, length), 1 if prefill else new_tokens
         t = time.perf_counter()
-        model.generate(ids, 2)  # warm-up at this shape (where a compiled step compiles)
+        model.generate(ids, 2 if prefill else WARM_STEPS + 1)  # warm-up at this shape (where a compiled step compiles)
         result[f"{name}_warmup_s"] = time.perf_counter() - t
         times = []
         for _ in range(3 if prefill else 1):  # a prefill takes well under a second: median of three

@@ -623,7 +623,7 @@ def throughput_paragraphs(result: dict) -> list[str]:
 
 # --- device_check.py results -------------------------------------------------------------------------------------
 
-GPU_WORKLOADS = {**WORKLOADS, "prefill_2048": "prefill 2048"}
+GPU_WORKLOADS = {**WORKLOADS, "prefill_2048": "prefill 2048", "many_64": "complete_many 64 prompts"}
 
 
 def device_check_table(result: dict) -> str:
@@ -672,7 +672,7 @@ def device_check_paragraphs(result: dict) -> list[str]:
         findings.append(
             "compile=True against ours-fp16: "
             + ", ".join(f"{GPU_WORKLOADS[w]} {times(compiled[w] / eager[w])}" for w in ws)
-            + "; its warm-up (compiling and capturing, two tokens) took "
+            + "; its warm-up (compiling and capturing: a prefill and three steps) took "
             + ", ".join(f"{compiled[w + '_warmup_s']:.0f} s at {GPU_WORKLOADS[w]}" for w in ws)
             + "."
         )
