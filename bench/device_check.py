@@ -43,7 +43,7 @@ CPU_PEERS = ("ours-bf16", "ours-int8", "hf-bf16")
 # runs complete_many (the batch completion script's job, one graph). That, many_64, is for this project's
 # unquantized peers alone: transformers has no continuous batching.
 ONLY = {"ours-fp16-compiled": ("decode_b1", "many_64")}
-NOT_MANY = ("hf-fp16", "hf-bf16", "ours-int8", "ours-int4")
+MANY_PEERS = ("ours-fp16", "ours-fp16-compiled", "ours-bf16")
 
 
 def environment(device: str) -> dict:
@@ -139,7 +139,7 @@ def benchmark(shape: str, peers: list[str], device: str, opts, limits: dict, sav
             f"{shape}: random weights written in Meta's and Hugging Face's layouts in {time.perf_counter() - t:.0f} s"
         )
         for peer in peers:
-            allowed = ONLY.get(peer, [w for w in WORKLOADS if not (w.startswith("many") and peer in NOT_MANY)])
+            allowed = ONLY.get(peer, [w for w in WORKLOADS if not w.startswith("many") or peer in MANY_PEERS])
             workloads = [w for w in opts.workloads.split(",") if w in allowed]
             try:
                 runs = [run_peer(peer, paths[peer], workloads, opts, device) for _ in range(opts.rounds)]

@@ -56,7 +56,8 @@ def test_a_rows_step_gives_decode_rows_logits_and_cache(params, mode):
 
     def after_prefill():
         for layer in m.layers:
-            layer.attention.cache_k.zero_(), layer.attention.cache_v.zero_()
+            layer.attention.cache_k.zero_()
+            layer.attention.cache_v.zero_()
         for slot, n in enumerate(lengths.tolist()):
             with one_slot(m, slot):
                 m(x[slot : slot + 1, :n], 0)
