@@ -3,7 +3,9 @@ tests/test_devices.py runs each invariant on every device present; then decode a
 32, prefill of 512 and 2048 tokens, complete_many over 64 prompts (ours, eager and compiled),
 load time and peak GPU memory for this project (fp16, bf16, int8, int4, fp16 with compiled decode
 steps) and Hugging Face transformers (fp16, bf16) on the same random Llama 2 7B-shaped weights,
-beside the card's measured copy bandwidth and GEMM peak. Prints a table and writes JSON. Without a
+beside the card's measured copy bandwidth and GEMM peak; last, what one eager batch-1 decode step
+launches and how long its kernels take (bench/peers.py's step_profile), which says whether the host
+or the card sets the step's pace. Prints tables and writes JSON. Without a
 GPU it says so and runs the same steps on a tiny model on the CPU (CI's smoke run). Each peer runs
 in its own process (bench/peers.py).
 
@@ -44,6 +46,8 @@ CPU_PEERS = ("ours-bf16", "ours-int8", "hf-bf16")
 # unquantized peers alone: transformers has no continuous batching.
 ONLY = {"ours-fp16-compiled": ("decode_b1", "many_64")}
 MANY_PEERS = ("ours-fp16", "ours-fp16-compiled", "ours-bf16")
+# The step profile, last in each eager unquantized peer's process (a crash there would lose its whole row).
+PROFILE, PROFILED_PEERS = "profile_b1", ("ours-fp16", "hf-fp16", "ours-bf16", "hf-bf16")
 
 
 def environment(device: str) -> dict:
@@ -140,6 +144,7 @@ def benchmark(shape: str, peers: list[str], device: str, opts, limits: dict, sav
         )
         for peer in peers:
             allowed = ONLY.get(peer, [w for w in WORKLOADS if not w.startswith("many") or peer in MANY_PEERS])
+            allowed = [*allowed, *([PROFILE] if peer in PROFILED_PEERS else [])]
             workloads = [w for w in opts.workloads.split(",") if w in allowed]
             try:
                 runs = [run_peer(peer, paths[peer], workloads, opts, device) for _ in range(opts.rounds)]
@@ -147,7 +152,8 @@ def benchmark(shape: str, peers: list[str], device: str, opts, limits: dict, sav
                 rows[peer] = {"error": str(e)[-2000:]}
                 print(f"{shape} {peer}: {str(e)[-2000:]}")
                 continue
-            row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            # medians of the numbers; a profile is the first round's
+            row = {k: v if isinstance(v, dict) else statistics.median(r[k] for r in runs) for k, v in runs[0].items()}
             row["rounds"] = runs
             if "decode_b1" in row:  # each step reads every weight once
                 row["decode_b1_bandwidth_fraction"] = (
@@ -156,7 +162,7 @@ def benchmark(shape: str, peers: list[str], device: str, opts, limits: dict, sav
             for w in (w for w in workloads if w.startswith("prefill")):  # attention's flops left out
                 row[f"{w}_gemm_fraction"] = 2 * params * row[w] / (limits["gemm_bf16_tflops"] * 1e12)
             rows[peer] = row
-            print(f"{shape} {peer}: " + ", ".join(f"{w} {row[w]:.1f}" for w in workloads))
+            print(f"{shape} {peer}: " + ", ".join(f"{w} {row[w]:.1f}" for w in workloads if w != PROFILE))
             save({"layer_parameters": params, "peers": with_ratios(rows)})
     return {"layer_parameters": params, "peers": with_ratios(rows)}
 
@@ -194,6 +200,15 @@ def print_table(result: dict) -> None:
             vals = [row.get(w) for w in WORKLOADS] + [row["load_s"], peak, row.get("cache_bytes", 0) / 1e6 or None]
             vals += [row.get("decode_b1_bandwidth_fraction"), row.get("prefill_512_gemm_fraction")]
             print(f"{peer:<20}" + "".join(f"{v:>13.2f}" if v is not None else f"{'-':>13}" for v in vals))
+        profiled = {p: r for p, r in bench["peers"].items() if PROFILE in r}
+        if profiled:
+            cols = ("step_ms", "aten_ops", "kernels", "kernel_ms")
+            print(f"\none decode step at batch 1\n{'peer':<20}" + "".join(f"{c:>10}" for c in cols))
+            for peer, row in profiled.items():
+                prof = row[PROFILE]
+                vals = [1e3 / row["decode_b1"] if "decode_b1" in row else None, prof["aten_ops"]]
+                vals += [prof["kernels"] or None, prof["kernel_ms"] or None]  # none on a CPU
+                print(f"{peer:<20}" + "".join(f"{v:>10.2f}" if v is not None else f"{'-':>10}" for v in vals))
 
 
 def main() -> None:
@@ -201,7 +216,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="the CPU steps on a tiny model, whatever the machine has")
     ap.add_argument("--shape", default=None, help=f"one of {', '.join(SHAPES)} (7b on a GPU, tiny without)")
     ap.add_argument("--peers", default=None, help=f"default on a GPU: {','.join(GPU_PEERS)}")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--workloads", default=",".join([*WORKLOADS, PROFILE]))
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--new_tokens", type=int, default=None, help="decode steps per workload (64 on a GPU)")
     ap.add_argument("--tests", default=None, help="pytest arguments (the whole suite on a GPU; '' skips)")

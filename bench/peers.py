@@ -2,7 +2,8 @@
 up, time each workload and print a JSON line of tokens/s, load seconds, warm-up seconds and peak
 memory (resident, or the GPU's allocator on CUDA). Greedy decoding throughout; prompts are the same
 random ids for every peer. Decode runs once per round; a prefill, being short, three times (median);
-many_N (ours alone) is complete_many over N prompts of mixed lengths, new ids per second.
+many_N (ours alone) is complete_many over N prompts of mixed lengths, new ids per second; profile_bN
+(ours and transformers) is what one decode step at batch N launches (`step_profile`).
 
     python bench/peers.py ours|hf|llamacpp[-VARIANT] PATH decode_b1,prefill_512,... NEW_TOKENS THREADS [DEVICE]
 
@@ -40,7 +41,7 @@ def workload(name: str) -> tuple[int, int, bool]:
     kind, arg = name.split("_")
     if kind == "many":
         return MANY_ROWS, MANY_LEN, False
-    return (1, int(arg), True) if kind == "prefill" else (int(arg[1:]), PROMPT_LEN, False)
+    return (1, int(arg), True) if kind == "prefill" else (int(arg[1:]), PROMPT_LEN, False)  # decode, profile
 
 
 MANY_ROWS, MANY_LEN = 32, 256
@@ -56,6 +57,48 @@ def many_prompts(n: int, new_tokens: int) -> tuple[list[list[int]], list[int]]:
     prompts = [rng.integers(3, 32000, size=k).tolist() for k in rng.integers(16, MANY_LEN + 1, size=n)]
     budgets = rng.integers(max(1, new_tokens // 4), new_tokens + 1, size=n).tolist()
     return prompts, budgets
+
+
+PROFILED_STEPS = 16
+
+
+def step_profile(generate, ids: list[list[int]], cuda: bool) -> dict:
+    """What one decode step launches, under torch's profiler: the difference of two greedy generate
+    calls PROFILED_STEPS steps apart, per step. aten_ops counts the operators Python calls (nested
+    ones not again); on CUDA, kernels counts what ran on the card (copies included) and kernel_ms
+    their summed time: against the unprofiled step's milliseconds it says whether the card or the
+    host sets the pace. The kernels that took longest are named."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def tally(steps: int) -> tuple[int, int, Counter]:
+        with profile(activities=activities) as prof:
+            generate(ids, steps)
+        ops = kernels = 0
+        kernel_us = Counter()
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                kernels += 1
+                kernel_us[e.name] += e.time_range.elapsed_us()
+            elif e.cpu_parent is None and e.name.startswith("aten::"):
+                ops += 1
+        return ops, kernels, kernel_us
+
+    short, long = tally(WARM_STEPS + 1), tally(WARM_STEPS + 1 + PROFILED_STEPS)
+    per_step = [(b - a) / PROFILED_STEPS for a, b in zip(short[:2], long[:2])]
+    kernel_us = long[2]
+    kernel_us.subtract(short[2])
+    top = [(name, us / 1e3 / PROFILED_STEPS) for name, us in kernel_us.most_common(6) if us > 0]
+    return {
+        "aten_ops": per_step[0],
+        "kernels": per_step[1],
+        "kernel_ms": sum(kernel_us.values()) / 1e3 / PROFILED_STEPS,
+        "top_kernels_ms": top,
+    }
 
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -177,7 +220,8 @@ def main() -> None:
     names, new_tokens, threads = names.split(","), int(new_tokens), int(threads)
     specs = {n: workload(n) for n in names}
     max_batch = max(b for b, _, _ in specs.values())
-    max_len = max(length + (1 if pre else new_tokens) for _, length, pre in specs.values())
+    steps = {n: WARM_STEPS + 1 + PROFILED_STEPS if n.startswith("profile") else new_tokens for n in names}
+    max_len = max(length + (1 if pre else steps[n]) for n, (_, length, pre) in specs.items())
     # Import the peer's libraries first: peak memory counts what loading the model adds.
     __import__({"ours": "llama", "hf": "transformers.models.llama", "llamacpp": "llama_cpp"}[peer])
     cuda = device.startswith("cuda")
@@ -202,6 +246,10 @@ def main() -> None:
             result[name] = produced / (time.perf_counter() - t)
             continue
         ids, n = prompts(batch, length), 1 if prefill else new_tokens
+        if name.startswith("profile"):
+            model.generate(ids, WARM_STEPS + 1)  # warm-up, as decode's
+            result[name] = step_profile(model.generate, ids, cuda)
+            continue
         t = time.perf_counter()
         model.generate(ids, 2 if prefill else WARM_STEPS + 1)  # warm-up at this shape (where a compiled step compiles)
         result[f"{name}_warmup_s"] = time.perf_counter() - t

@@ -640,7 +640,34 @@ def device_check_table(result: dict) -> str:
         cache = mb(row["cache_bytes"]) if "cache_bytes" in row else "-"
         share = row.get("decode_b1_bandwidth_fraction")
         rows.append([peer, *cells, f"{row['load_s']:.1f}", mb(peak), cache, "-" if share is None else f"{share:.0%}"])
-    return md_table(head, rows)
+    return md_table(head, rows) + step_table(bench["peers"])
+
+
+STEP_PROFILE = "profile_b1"  # device_check.py's PROFILE
+
+
+def step_table(peers: dict) -> str:
+    """What one eager batch-1 decode step launched (peers.step_profile), where the run profiled it."""
+    rows = []
+    for peer, row in ((p, r) for p, r in peers.items() if STEP_PROFILE in r):
+        prof, step = row[STEP_PROFILE], 1e3 / row["decode_b1"] if "decode_b1" in row else None
+        busy = f"{prof['kernel_ms'] / step:.0%}" if step and prof["kernels"] else "-"
+        top = "; ".join(f"`{name[:60]}` {ms:.2f}" for name, ms in prof["top_kernels_ms"][:3]) or "-"
+        cells = [
+            f"{step:.2f}" if step else "-",
+            f"{prof['aten_ops']:.0f}",
+            f"{prof['kernels']:.0f}" if prof["kernels"] else "-",
+        ]
+        rows.append([peer, *cells, f"{prof['kernel_ms']:.2f}" if prof["kernels"] else "-", busy, top])
+    if not rows:
+        return ""
+    head = ["peer", "step ms", "operators", "kernels", "kernel ms", "of the step", "longest kernels, ms"]
+    intro = paragraph(
+        "One batch-1 decode step (eager), profiled: `step ms` is the unprofiled step (1000 / decode tokens/s), "
+        "`operators` the PyTorch operators Python called, `kernels` what ran on the card and `kernel ms` their "
+        "summed time, per step:"
+    )
+    return f"\n\n{intro}\n\n{md_table(head, rows)}"
 
 
 def device_check_paragraphs(result: dict) -> list[str]:
