@@ -44,6 +44,16 @@ class LLaMa:
         self._warned_cut = False
         self.step: StaticDecode | None = None  # build(compile=True): the decode steps as one CUDA graph
 
+    @property
+    def _tokenizer(self) -> Tokenizer:
+        """The tokenizer, which every generation needs (its stop and pad ids, its text)."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "this LLaMa has no tokenizer (built with load_model=False from a params.json alone): generating "
+                "needs its stop ids and its text. Pass LLaMa.build(..., tokenizer_path=) a tokenizer.model"
+            )
+        return self.tokenizer
+
     @staticmethod
     def build(
         checkpoints_dir: str | os.PathLike | None = None,
@@ -60,7 +70,8 @@ class LLaMa:
     ) -> "LLaMa":
         """Load a Meta checkpoint folder (any number of shards; the built-in Shakespeare model when
         omitted) onto one device, with its tokenizer. load_model=False builds the architecture with
-        random weights, from a folder's params.json or a preset name in params/ ("llama-2-7b").
+        random weights, from a folder's params.json or a preset name in params/ ("llama-2-7b"),
+        with the tokenizer found there or given (generating needs one).
         quantize="int8" | "int4" quantizes the linear layers after loading (see llama.quantize);
         a folder written by llama.quantize.save_quantized loads already quantized; a GGUF file's
         path loads too, dequantized into dtype. On the CPU in bf16, decode steps run in kernels
@@ -169,11 +180,11 @@ class LLaMa:
         if not dialogs:
             raise ValueError("no dialogs: pass at least one")
         for i, dialog in enumerate(dialogs):
-            check_dialog(dialog, i, self.tokenizer)
-        safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog, self.tokenizer)]
+            check_dialog(dialog, i, self._tokenizer)
+        safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog, self._tokenizer)]
         replies = [(UNSAFE_ERROR, None, [], [])] * len(dialogs)
         if safe:
-            prompt_tokens = [encode_dialog(self.tokenizer, dialogs[i]) for i in safe]
+            prompt_tokens = [encode_dialog(self._tokenizer, dialogs[i]) for i in safe]
             max_gen_len = self._check_prompts(prompt_tokens, max_gen_len)
             sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
             done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, False, stop)
@@ -201,7 +212,7 @@ class LLaMa:
         """Meta's text_infilling for Code Llama 7B/13B: the code between each prefix and suffix,
         [{"generation": middle, "full_text": prefix + middle + suffix}, ...] (with "tokens" and
         "logprobs" when logprobs). Each row ends at ▁<EOT>, Code Llama's end of a middle."""
-        tokenizer = check_infilling(self.tokenizer)
+        tokenizer = check_infilling(self._tokenizer)
         if isinstance(prefixes, str) or isinstance(suffixes, str) or len(prefixes) != len(suffixes):
             raise ValueError("prefixes and suffixes are lists of strings of the same length: one pair per gap")
         prompt_tokens = [infilling_prompt(tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
@@ -313,8 +324,8 @@ class LLaMa:
         stop_ids: Sequence[int] | None = None,
     ) -> Iterator[Step]:
         """Meta's loop over these (checked) prompts, to the tokenizer's stop ids unless others are given."""
-        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
-        pad_id = self.tokenizer.pad_id
+        stop_ids = self._tokenizer.stop_ids if stop_ids is None else stop_ids
+        pad_id = self._tokenizer.pad_id
         return decode_steps(
             self.model, prompt_tokens, max_gen_len, sampler, self.generator, pad_id, stop_ids, logprobs, self.step
         )
@@ -329,8 +340,8 @@ class LLaMa:
         stop = stop if stop is None or isinstance(stop, str) else list(stop)  # an iterator is read once
         if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"stop={stop!r}: pass a list of non-empty strings")
-        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
-        return Outputs(self.tokenizer, prompt_tokens, stop_ids, list(stop or []), want_text)
+        stop_ids = self._tokenizer.stop_ids if stop_ids is None else stop_ids
+        return Outputs(self._tokenizer, prompt_tokens, stop_ids, list(stop or []), want_text)
 
     def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int | None, one_batch: bool = True) -> int:
         """Refuse, before any step, a batch that is not lists of the model's ids, does not fit the
@@ -383,7 +394,7 @@ class LLaMa:
     def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         if isinstance(prompts, str):
             raise TypeError("prompts is a list of strings: wrap a single prompt as [prompt]")
-        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        return [self._tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
 
 def _in_order(done: Iterator[tuple[int, Completion]]) -> Iterator[Completion]:

@@ -197,6 +197,22 @@ def test_random_weights_from_a_preset_without_a_checkpoint(sp_model_path, tmp_pa
         LLaMa.build("llama-2-7b", load_model=False)
 
 
+def test_generating_without_a_tokenizer_says_to_pass_one(tmp_path):
+    """A params.json alone builds random weights with no tokenizer; generating needs one."""
+    (tmp_path / "params.json").write_text('{"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 64}')
+    llm = LLaMa.build(tmp_path, load_model=False, max_seq_len=8, device="cpu")
+    assert llm.tokenizer is None
+    for call in (
+        lambda: llm.generate([[1, 2]], 2),
+        lambda: llm.text_completion(["the king"]),
+        lambda: list(llm.complete_many([[1, 2]], max_gen_len=2)),
+        lambda: llm.chat_completion([[{"role": "user", "content": "hi"}]]),
+    ):
+        with pytest.raises(ValueError, match="has no tokenizer .* tokenizer_path="):
+            call()
+    assert llm._generating.acquire(blocking=False)  # no call was left holding the cache
+
+
 def test_random_weights_from_a_folder_are_seeded(make_ckpt):
     folder, _ = make_ckpt(MHA, 1)
     a = LLaMa.build(folder, load_model=False, dtype="float32", max_seq_len=8, seed=3)
