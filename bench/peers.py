@@ -59,7 +59,7 @@ def many_prompts(n: int, new_tokens: int) -> tuple[list[list[int]], list[int]]:
     return prompts, budgets
 
 
-PROFILED_STEPS = 16
+PROFILED_STEPS = 8  # a 7B step launches about a thousand kernels: the profiler takes seconds to read them
 
 
 def step_profile(generate, ids: list[list[int]], cuda: bool) -> dict:
