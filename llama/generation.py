@@ -17,11 +17,11 @@ from llama.compiled import StaticDecode
 from llama.cpu import onednn_bf16, use_cpu_modules
 from llama.decoding import Completions, Outputs, Step, StreamEvent, decode_steps
 from llama.infilling import check_infilling, infilling_prompt
-from llama.loading import BUILTIN_MODEL, load
+from llama.loading import BUILTIN_MODEL, load, run_dtype
 from llama.model import Transformer
 from llama.parallel import load_parallel, local_bytes, local_device, world
 from llama.quantize import check_scheme
-from llama.runtime import resolve_device, resolve_dtype
+from llama.runtime import resolve_device
 from llama.sampling import Sampler
 from llama.tokenizer import Tokenizer
 
@@ -74,8 +74,10 @@ class LLaMa:
         with the tokenizer found there or given (generating needs one).
         quantize="int8" | "int4" quantizes the linear layers after loading (see llama.quantize);
         a folder written by llama.quantize.save_quantized loads already quantized; a GGUF file's
-        path loads too, dequantized into dtype. On the CPU in bf16, decode steps run in kernels
-        compiled here once per machine where the CPU has AVX-512 BF16 (see llama.cpu); pack=True
+        path loads too, dequantized into dtype. dtype=None is bf16 on the CPU and Meta's code's choice
+        on a GPU: fp16, or bf16 for Llama 3 (llama.loading.run_dtype). On the CPU in bf16, decode
+        steps run in kernels compiled here once per machine where the CPU has AVX-512 BF16 (see
+        llama.cpu); pack=True
         keeps the weights in oneDNN's layout instead, faster for batches and prompts, slower at
         batch 1. Inside a torch.distributed process group of several processes (torchrun), each
         process builds its part of the model, split over them all (see llama.parallel).
@@ -88,14 +90,14 @@ class LLaMa:
         check_scheme(quantize)
         _, n = world()
         device = resolve_device(device if device is not None or n == 1 else local_device())
-        dtype = resolve_dtype(dtype, device)
+        source = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
+        dtype = run_dtype(source, tokenizer_path, dtype, device)
         if pack and not (device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16() and n == 1):
             raise ValueError(
                 f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels in one process, not {dtype} on {device}"
             )
         if compile and not (device.type == "cuda" and n == 1):
             raise ValueError(f"compile=True captures CUDA graphs: it needs a CUDA device in one process, not {device}")
-        source = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
         run = dict(device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         if n > 1:
             if not load_model or quantize is not None:

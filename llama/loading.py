@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, load_shard, read_params, read_params_file
-from llama.convert.gguf import read_gguf
+from llama.convert.gguf import read_gguf, vocabulary_kind
 from llama.cpu import weight_bytes
 from llama.model import ModelArgs, Transformer
 from llama.quantize import check_scheme, make_quantized, quantized_bytes, read_scheme
 from llama.runtime import check_fits, resolve_device, resolve_dtype
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import TiktokenTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,29 @@ PRESETS_DIR = _HERE / "presets" if (_HERE / "presets").is_dir() else _HERE.paren
 BUILTIN_MODEL = _HERE / "models" / "shakespeare"
 
 Loaded = tuple[Transformer, Tokenizer | None]
+
+
+def run_dtype(
+    source: str | os.PathLike, tokenizer_path: str | os.PathLike | None, dtype: str | torch.dtype | None, device
+) -> torch.dtype:
+    """The dtype asked for, or the one Meta's code runs the model in on a GPU: float16 for Llama 1/2 and
+    Code Llama, bfloat16 for Llama 3 (a tiktoken tokenizer) where the GPU computes in it natively
+    (compute capability 8.0 on; float16 before). On the CPU, bfloat16 (Meta's code needs a GPU)."""
+    device = torch.device(device)
+    if dtype is not None or device.type != "cuda":
+        return resolve_dtype(dtype, device)
+    native_bf16 = torch.cuda.get_device_properties(device).major >= 8
+    return torch.bfloat16 if native_bf16 and uses_tiktoken(source, tokenizer_path) else torch.float16
+
+
+def uses_tiktoken(source: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> bool:
+    """Whether a build of source would use Llama 3's tokenizer: tokenizer_path, the folder's
+    tokenizer.model, or a GGUF file's vocabulary, read no further than the kind (a preset: no tokenizer)."""
+    source = Path(source)
+    if tokenizer_path is None and source.suffix == ".gguf" and source.is_file():
+        return vocabulary_kind(source) == "gpt2"
+    path = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(source) if source.is_dir() else None
+    return path is not None and path.is_file() and Tokenizer.kind(path) is TiktokenTokenizer
 
 
 def load(

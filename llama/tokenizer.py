@@ -58,9 +58,14 @@ class Tokenizer:
 
     def __new__(cls, model_path: str | os.PathLike, contents: bytes | None = None):
         if cls is Tokenizer:
-            tiktoken_file = _TIKTOKEN_LINE.fullmatch(_first_line(Path(model_path), contents))
-            cls = TiktokenTokenizer if tiktoken_file else SentencePieceTokenizer
+            cls = Tokenizer.kind(model_path, contents)
         return super().__new__(cls)
+
+    @staticmethod
+    def kind(model_path: str | os.PathLike, contents: bytes | None = None) -> type["Tokenizer"]:
+        """The class for a tokenizer.model, from its first line alone (a tiktoken file's is a token and its rank)."""
+        tiktoken_file = _TIKTOKEN_LINE.fullmatch(_first_line(Path(model_path), contents))
+        return TiktokenTokenizer if tiktoken_file else SentencePieceTokenizer
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         if not isinstance(s, str):

@@ -1,6 +1,6 @@
 """The invariants on every device present, in the dtypes users get there: the CPU in float32 and
-bfloat16 (its default), and float16 (CUDA's default: its roundings checked on every machine); CUDA
-in float16 (its default) and bfloat16, MPS in float16. A device this machine lacks is collected
+bfloat16 (its default), and float16 (CUDA's default but for Llama 3: its roundings checked on every
+machine); CUDA in float16 and bfloat16 (Llama 3's default there), MPS in float16. A device this machine lacks is collected
 and skipped with the reason. The reference is always float32 on the CPU,
 which the other tests hold to Meta's and Hugging Face's numbers within 1e-4. What depends on the
 device is here: logits (against transformers too), merged shards, the cache, batching, Meta's
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GQA, MHA
+from conftest import GQA, LLAMA3, MHA
 from test_generation import assert_same_as_meta
 from test_model import hf_model
 
@@ -228,6 +228,18 @@ def test_int4_on_an_ampere_or_later_gpu_is_torchs_kernel_on_the_same_weights(pla
     assert layer._torch_copy is not None and layer._torch_copy[0].device.type == "cuda"  # the kernel ran
     assert got.dtype == dtype
     close(got, want, torch.bfloat16)
+
+
+def test_the_default_dtype_on_cuda_is_metas_for_the_family(make_ckpt, tiktoken_path):
+    """fp16 for Llama 2 (Meta's llama), bf16 for Llama 3 where the GPU has it natively (llama-models)."""
+    if (reason := missing("cuda")) is not None:
+        pytest.skip(reason)
+    llama3, _ = make_ckpt(LLAMA3, 1, name="llama3", tokenizer=tiktoken_path)
+    llama2, _ = make_ckpt(GQA, 1, name="llama2")
+    bf16 = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+    for folder, want in ((llama2, torch.float16), (llama3, bf16)):
+        llm = LLaMa.build(folder, max_seq_len=8, max_batch_size=1)
+        assert llm.model.tok_embeddings.weight.dtype == want == llm.model.layers[0].attention.cache_k.dtype
 
 
 def test_the_memory_check_reads_the_devices_free_memory(folder, place):

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import GQA
+from conftest import GQA, LLAMA3, random_state_dict
 
-from llama.loading import load, load_meta_folder, load_quantized_folder, random_weights
-from llama.model import Transformer
+from llama.convert.gguf import write_gguf
+from llama.loading import load, load_meta_folder, load_quantized_folder, random_weights, run_dtype, uses_tiktoken
+from llama.model import ModelArgs, Transformer
 from llama.quantize import save_quantized
 from llama.tokenizer import Tokenizer
 
@@ -39,3 +40,20 @@ def test_a_quantized_folder_is_not_quantized_twice(make_ckpt, tmp_path):
         load_quantized_folder(saved, folder / "tokenizer.model", device="cpu", dtype="bf16", quantize="int4")
     with pytest.raises(FileNotFoundError, match="no quantization.json in"):
         load_quantized_folder(folder, device="cpu")
+
+
+def test_the_default_dtype_follows_the_family_by_its_tokenizer(make_ckpt, tiktoken_path, sp_model_path, tmp_path):
+    """Meta's Llama 3 code runs in bf16 on GPUs that have it, its Llama 2 code in fp16: the family is
+    told by the tokenizer a build would use, its first line read (the CUDA choice: test_devices)."""
+    llama3, _ = make_ckpt(LLAMA3, 1, name="llama3", tokenizer=tiktoken_path)
+    llama2, _ = make_ckpt(GQA, 1, name="llama2")
+    assert uses_tiktoken(llama3) and not uses_tiktoken(llama2)
+    assert uses_tiktoken(llama2, tiktoken_path) and not uses_tiktoken(llama3, sp_model_path)  # the one given wins
+    assert not uses_tiktoken("llama-3.1-8b")  # a preset alone has no tokenizer
+    for name, folder in (("llama3", llama3), ("llama2", llama2)):
+        tokenizer = Tokenizer(folder / "tokenizer.model")
+        params = dict(LLAMA3 if name == "llama3" else GQA, vocab_size=tokenizer.n_words)
+        path = write_gguf(random_state_dict(params), ModelArgs(**params), tokenizer, tmp_path / f"{name}.gguf", "F16")
+        assert uses_tiktoken(path) is (name == "llama3")  # the file's own vocabulary: "gpt2" or "llama"
+    assert run_dtype(llama3, None, None, "cpu") == torch.bfloat16 == run_dtype(llama2, None, None, "cpu")
+    assert run_dtype(llama3, None, "fp16", "cpu") == torch.float16  # asked for

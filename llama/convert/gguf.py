@@ -300,6 +300,16 @@ def _read_args(meta: dict, path: Path, vocab_size: int | None) -> ModelArgs:
     )
 
 
+def vocabulary_kind(path: str | os.PathLike) -> str | None:
+    """A GGUF file's tokenizer.ggml.model ("llama": SentencePiece; "gpt2": Llama 3's byte-level BPE),
+    its tensors left unread; None where the file has none or cannot be read (read_gguf says why)."""
+    try:
+        field = _gguf().GGUFReader(path).fields.get("tokenizer.ggml.model")
+    except (ValueError, IndexError, KeyError, OverflowError, OSError):
+        return None
+    return None if field is None else field.contents()
+
+
 def _read_vocab(meta: dict, path: Path) -> bytes:
     """A tokenizer.model's bytes for the file's vocabulary: a serialized SentencePiece ModelProto for
     a "llama" one, Llama 3's tiktoken file for a "gpt2" one (its byte-level BPE: ranks are the ids)."""
