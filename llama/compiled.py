@@ -10,7 +10,6 @@ counterpart of llama.model's Attention.forward for T = 1 and of llama.batching's
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llama.model import Transformer
 
@@ -95,9 +94,7 @@ class StaticDecode:
             keys, values = a.cache_k[:bsz], a.cache_v[:bsz]  # [B, Hkv, S, D]
             keys[rows, :, pos] = xk[:, 0]
             values[rows, :, pos] = xv[:, 0]
-            out = F.scaled_dot_product_attention(
-                xq.transpose(1, 2), keys, values, attn_mask=visible, enable_gqa=a.n_kv_heads != a.n_heads
-            )
+            out = a.attend(xq.transpose(1, 2), keys, values, visible)
             h = h + a.wo(out.transpose(1, 2).reshape(bsz, 1, -1))
             h = h + layer.feed_forward(layer.ffn_norm(h))
         return m.output(m.norm(h)[:, -1]).float()

@@ -259,6 +259,16 @@ class Attention(nn.Module):
     def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
         """softmax(q k^T / sqrt(D) + mask) v: [B, H, T, D] over keys and values [B, Hkv, S, D]."""
         # each group of n_heads / n_kv_heads query heads shares one kv head (GQA)
+        bsz, _, seqlen, _ = xq.shape
+        group = self.n_heads // self.n_kv_heads
+        if seqlen == 1 and group > 1:
+            # A decode step: each kv head's query heads as its rows ([B, Hkv, group, D]), all at one
+            # position. SDPA's fused GPU kernels take that with a mask, where enable_gqa with a mask
+            # falls back to its math kernel, which copies the cache once per query head of a group.
+            out = F.scaled_dot_product_attention(
+                xq.reshape(bsz, self.n_kv_heads, group, self.head_dim), keys, values, attn_mask=mask
+            )
+            return out.reshape(bsz, self.n_heads, 1, self.head_dim)
         return F.scaled_dot_product_attention(
             xq,
             keys,

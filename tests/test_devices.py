@@ -1,7 +1,7 @@
 """The invariants on every device present, in the dtypes users get there: the CPU in float32 and
 bfloat16 (its default), and float16 (CUDA's default but for Llama 3: its roundings checked on every
-machine); CUDA in float16 and bfloat16 (Llama 3's default there), MPS in float16. A device this machine lacks is collected
-and skipped with the reason. The reference is always float32 on the CPU,
+machine); CUDA in float16 and bfloat16 (Llama 3's default there), MPS in float16. A device this
+machine lacks is collected and skipped with the reason. The reference is always float32 on the CPU,
 which the other tests hold to Meta's and Hugging Face's numbers within 1e-4. What depends on the
 device is here: logits (against transformers too), merged shards, the cache, batching, Meta's
 loop and its random draws, greedy ids, streaming, quantized layers, the memory check and the CLI.
@@ -228,6 +228,23 @@ def test_int4_on_an_ampere_or_later_gpu_is_torchs_kernel_on_the_same_weights(pla
     assert layer._torch_copy is not None and layer._torch_copy[0].device.type == "cuda"  # the kernel ran
     assert got.dtype == dtype
     close(got, want, torch.bfloat16)
+
+
+def test_gqa_decode_steps_run_sdpas_fused_kernels_on_cuda(folder, place):
+    """A GQA decode step, Meta's loop's (no mask) and complete_many's (a mask of each row's positions),
+    with SDPA's math kernel switched off: enable_gqa with a mask would need it (and copy the cache
+    per query head), so SDPA would find no kernel and raise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device, dtype = place
+    if device != "cuda":
+        pytest.skip("SDPA's fused kernels are CUDA's")
+    llm = build(folder, device, dtype)
+    llm.tokenizer.stop_ids = (-1,)  # no row ends early
+    prompts = [[1, 5, 9], [1, 40, 41, 2, 8]]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        assert [len(t) for t in llm.generate(prompts, 4, temperature=0)[0]] == [4, 4]
+        assert [len(c.tokens) for c in llm.complete_many(prompts, temperature=0, max_gen_len=4)] == [4, 4]
 
 
 def test_the_default_dtype_on_cuda_is_metas_for_the_family(make_ckpt, tiktoken_path):
