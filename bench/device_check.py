@@ -18,7 +18,9 @@ On this workplace's GPU machines nothing can be installed: carry fire, termcolor
 On an H200 machine (16 cores) the tests took 200 s and the benchmark over 5 minutes for five of
 its seven peers (at 128 new tokens per decode; 64 since), more than one 10-minute call holds: run
 `--part tests` in one call, put its JSON at bench/results/device_check.json, then `--part bench` in
-a second call, which keeps those tests.
+a second call, which keeps those tests. Llama 3 8B's grouped-query layers, whose decode steps take
+other attention kernels than the 7B's, are a third call (bench/report.py names it):
+`--part bench --shape 8b --peers ours-fp16,ours-fp16-compiled,hf-fp16 --out bench/results/device_check_8b.json`.
 """
 
 import argparse

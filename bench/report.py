@@ -49,6 +49,10 @@ COMMANDS = {
         "python bench/throughput.py --shape 1.1b --prompts 64 --check 8 --out bench/results/throughput_1.1b.json"
     ),
     "device_check.json": "python bench/device_check.py",
+    "device_check_8b.json": (
+        "python bench/device_check.py --part bench --shape 8b --peers ours-fp16,ours-fp16-compiled,hf-fp16 \\\n"
+        "    --out bench/results/device_check_8b.json"
+    ),
 }
 # Peers whose weights are quantized (name endings): not the 16-bit weights speed.roofline counts.
 QUANTIZED = ("int8", "int4", "q8_0", "q4_0")
@@ -734,6 +738,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "throughput.json": ("Many prompts: the batch completion script's workload", throughput_paragraphs),
     "throughput_1.1b.json": ("Many prompts on the 1.1B shape", throughput_paragraphs),
     "device_check.json": ("On a GPU", device_check_paragraphs),
+    "device_check_8b.json": ("On a GPU, Llama 3 8B's layers (GQA)", device_check_paragraphs),
 }
 NO_GPU_RUN = (
     "No GPU has run this code yet. `python bench/device_check.py` is the one command for a GPU "

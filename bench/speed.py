@@ -25,6 +25,8 @@ SHAPES = {  # params.json of each shape; vocab 32000 as in Llama 2
     "110m": dict(dim=768, n_layers=12, n_heads=12, multiple_of=256),
     "1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256),  # TinyLlama: FFN 5632
     "7b": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256),  # Llama 2 7B (bench/device_check.py)
+    # Llama 3 8B's layers (GQA: 8 KV heads, FFN 14336) with Llama 2's vocabulary (bench/device_check.py --shape 8b)
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3),
 }
 PEERS = ("ours", "ours-packed", "hf", "llamacpp")
 # Quantized variants, for the quantization comparison: this project's int8/int4 and llama.cpp's own.
