@@ -85,8 +85,11 @@ class LLaMa:
         llama.compiled): the first steps at each batch size compile it (complete_many's at
         max_batch_size), which takes a while.
         """
-        if max_seq_len < 1 or max_batch_size < 1:
-            raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least 1")
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name}={value!r}: use a whole number, at least 1")
+        if not _is_int(seed):
+            raise ValueError(f"seed={seed!r}: use a whole number")
         check_scheme(quantize)
         _, n = world()
         device = resolve_device(device if device is not None or n == 1 else local_device())
@@ -244,8 +247,7 @@ class LLaMa:
     ) -> Iterator[StreamEvent]:
         """Yield StreamEvent(index, text, done) as each row's text is completed; the texts of a
         row concatenate to text_completion's text for it. Prompts are strings or token id lists."""
-        is_ids = bool(prompts) and not isinstance(prompts, str) and all(isinstance(p, list) for p in prompts)
-        prompt_tokens = prompts if is_ids else self._encode_prompts(prompts)
+        prompt_tokens = self._prompt_ids(prompts)
         max_gen_len = self._check_prompts(prompt_tokens, max_gen_len)  # all checked now, not at the first step
         sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
         outputs = self._outputs(prompt_tokens, stop, want_text=True)
@@ -272,8 +274,7 @@ class LLaMa:
         Greedy ids equal the prompt's run alone; sampled rows draw in another order than Meta's
         schedule (text_completion's), so their tokens differ from it. Every prompt is checked
         before the first step."""
-        is_ids = bool(prompts) and not isinstance(prompts, str) and all(isinstance(p, list) for p in prompts)
-        prompt_tokens = list(prompts) if is_ids else self._encode_prompts(prompts)
+        prompt_tokens = self._prompt_ids(prompts)
         if isinstance(max_gen_len, (list, tuple)):
             if len(max_gen_len) != len(prompt_tokens):
                 raise ValueError(
@@ -339,8 +340,9 @@ class LLaMa:
         want_text: bool,
         stop_ids: Sequence[int] | None = None,
     ) -> Outputs:
-        stop = stop if stop is None or isinstance(stop, str) else list(stop)  # an iterator is read once
-        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
+        iterable = stop is not None and not isinstance(stop, str) and hasattr(stop, "__iter__")
+        stop = list(stop) if iterable else stop  # an iterator is read once
+        if stop is not None and (not iterable or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"stop={stop!r}: pass a list of non-empty strings")
         stop_ids = self._tokenizer.stop_ids if stop_ids is None else stop_ids
         return Outputs(self._tokenizer, prompt_tokens, stop_ids, list(stop or []), want_text)
@@ -393,9 +395,23 @@ class LLaMa:
             )
         return max_gen_len
 
+    def _prompt_ids(self, prompts: Sequence[str] | Sequence[list[int]]) -> list[list[int]]:
+        """Prompts given as strings or as id lists (any iterable of them, read once) as id lists."""
+        prompts = prompts if isinstance(prompts, str) else list(prompts)
+        if any(isinstance(p, list) for p in prompts):  # id lists (_check_prompts refuses the others among them)
+            return prompts
+        return self._encode_prompts(prompts)
+
     def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         if isinstance(prompts, str):
             raise TypeError("prompts is a list of strings: wrap a single prompt as [prompt]")
+        prompts = list(prompts)
+        for i, x in enumerate(prompts):
+            if not isinstance(x, str):
+                raise ValueError(
+                    f"prompt {i} is a {type(x).__name__} {str(x)[:60]}: pass strings, or lists of token ids "
+                    "(.tolist() a tensor)"
+                )
         return [self._tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
 

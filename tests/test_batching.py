@@ -97,6 +97,12 @@ def test_bad_input_is_refused_before_any_step_and_the_llm_is_released(folder):
         llm.complete_many([])
     with pytest.raises(ValueError, match="stop='x'"):
         llm.complete_many(["a"], stop="x")
+    with pytest.raises(ValueError, match="stop=True"):  # a CLI's --stop with no value
+        llm.complete_many(["a"], stop=True)
+    with pytest.raises(ValueError, match=r"prompt 1 is tuple \(1, 5\): pass a list of ints"):
+        llm.complete_many([[1, 6], (1, 5)])
+    with pytest.raises(ValueError, match=r"prompt 0 is a tuple \(1, 5\): pass strings, or lists of token ids"):
+        llm.complete_many([(1, 5)])
     running = llm.complete_many(PROMPTS, temperature=0, max_gen_len=4)
     next(running)
     with pytest.raises(RuntimeError, match="already generating"):
@@ -135,3 +141,12 @@ def test_a_prompts_file_completes_by_continuous_batching_as_each_alone(folder, t
     assert (tmp_path / "many.jsonl").read_text() == (tmp_path / "meta.jsonl").read_text()  # greedy: the same
     printed = run_cli(*common)
     assert printed.returncode == 0 and all(f"{r['prompt']}\n> {r['completion']}\n" in printed.stdout for r in rows)
+
+
+def test_prompts_may_come_from_any_iterable_read_once(folder):
+    """A generator is read once, whole: its first prompt was once consumed by the check of its kind."""
+    llm = LLaMa.build(folder, max_seq_len=48, max_batch_size=2, dtype="float32", device="cpu")
+    want = [c.tokens for c in llm.complete_many(PROMPTS, temperature=0, max_gen_len=3)]
+    assert [c.tokens for c in llm.complete_many(iter(PROMPTS), temperature=0, max_gen_len=3)] == want
+    assert [c.tokens for c in llm.complete_many(tuple(PROMPTS), temperature=0, max_gen_len=3)] == want
+    assert sorted({e.index for e in llm.stream(iter(PROMPTS[:2]), temperature=0, max_gen_len=3)}) == [0, 1]

@@ -181,6 +181,20 @@ def test_text_completion_wants_a_list(llm):
         llm.text_completion("the king")
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_batch_size=2.0), "max_batch_size=2.0: use a whole number"),
+        (dict(max_seq_len="abc"), "max_seq_len='abc': use a whole number"),
+        (dict(max_seq_len=0), "max_seq_len=0: use a whole number, at least 1"),
+        (dict(seed=None), "seed=None: use a whole number"),
+    ],
+)
+def test_bad_build_arguments_are_clear_errors(make_ckpt, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LLaMa.build(make_ckpt()[0], device="cpu", **kwargs)
+
+
 def test_random_weights_from_a_preset_without_a_checkpoint(sp_model_path, tmp_path, monkeypatch):
     import llama.loading
 
