@@ -38,15 +38,20 @@ def read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--prompts_file {file} does not exist")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if file.suffix != ".jsonl":
-        return lines
+    lines = [(n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"--prompts_file {file} holds no prompts (only blank lines, or nothing)")
+    if file.suffix.lower() != ".jsonl":
+        return [line for _, line in lines]
     prompts = []
-    for n, line in enumerate(lines, 1):
+    for n, line in lines:
         try:
-            prompts.append(str(json.loads(line)["prompt"]))
+            prompt = json.loads(line)["prompt"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f'{file}:{n} is not a JSON object with a "prompt" field: {line[:80]!r}') from None
+        if not isinstance(prompt, str):
+            raise ValueError(f'{file}:{n}: "prompt" is {json.dumps(prompt)[:40]}, not a string')
+        prompts.append(prompt)
     return prompts
 
 
@@ -293,8 +298,9 @@ def fit_dialog(llm: LLaMa, dialog: list[dict], keep: int, max_gen_len: int) -> l
 
 
 # Flags whose values must reach us verbatim: fire would turn "1,2" into a tuple and "42" into an
-# int, and keep only the last of a repeated flag.
-LIST_FLAGS, STRING_FLAGS = ("prompt", "stop", "prefix", "suffix"), ("system",)
+# int (a folder or file named 2024 too), and keep only the last of a repeated flag.
+LIST_FLAGS = ("prompt", "stop", "prefix", "suffix")
+STRING_FLAGS = ("system", "ckpt_dir", "tokenizer_path", "prompts_file", "out")
 
 
 def take_raw_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -310,6 +316,8 @@ def take_raw_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
         elif name in names and i + 1 < len(argv):
             raw.setdefault(name, []).append(argv[i + 1])
             i += 1
+        elif name in names:
+            raise ValueError(f"--{name} needs a value")
         else:
             rest.append(arg)
         i += 1
@@ -382,10 +390,13 @@ def unknown_flag(command, args: list[str]) -> str | None:
 def main(argv: list[str]) -> None:
     commands = {"chat": chat, "infill": infill}
     command, argv = (commands[argv[0]], argv[1:]) if argv[:1] and argv[0] in commands else (complete, argv)
-    rest, raw = take_raw_flags(argv)
+    try:
+        rest, raw = take_raw_flags(argv)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if "--help" in rest or "-h" in rest:
         print(f"{__doc__.strip()}\n\n{command.__name__}'s flags:\n", flush=True)
-    elif (flag := unknown_flag(command, rest)) is not None:
+    elif (flag := unknown_flag(command, rest + [f"--{name}" for name in raw])) is not None:
         name = "" if command is complete else f" {command.__name__}"
         sys.exit(f"error: no flag {flag} here: python inference.py{name} --help lists them")
     for name, values in raw.items():  # handed to fire as JSON literals, which it parses back

@@ -121,9 +121,33 @@ def test_pack_and_quantize_flags_reach_the_build(folder):
 def test_bad_input_exits_with_the_message(folder, tmp_path):
     r = run("--ckpt_dir", str(tmp_path / "missing"))
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n\n\n{"text": "x"}\n')
     r = run("--ckpt_dir", str(folder), "--prompts_file", str(tmp_path / "bad.jsonl"))
-    assert r.returncode != 0 and 'bad.jsonl:1 is not a JSON object with a "prompt" field' in r.stderr
+    assert r.returncode != 0 and 'bad.jsonl:4 is not a JSON object with a "prompt" field' in r.stderr  # the file's line
+    (tmp_path / "null.JSONL").write_text('{"prompt": null}\n')
+    r = run("--ckpt_dir", str(folder), "--prompts_file", str(tmp_path / "null.JSONL"))
+    assert r.returncode != 0 and 'null.JSONL:1: "prompt" is null, not a string' in r.stderr
+    (tmp_path / "empty.txt").write_text("\n\n")
+    r = run("--ckpt_dir", str(folder), "--prompts_file", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "empty.txt holds no prompts" in r.stderr and not (tmp_path / "o").exists()
+    for args, said in (
+        (["--prompt", "a", "--stop"], "error: --stop needs a value"),
+        (["--prompt", "a", "--max_batch_size", "2.5"], "error: max_batch_size=2.5: use a whole number"),
+        (["--prompt", "a", "--seed", "abc"], "error: seed='abc': use a whole number"),
+        (["chat", "--prompts_file", "p.txt"], "error: no flag --prompts_file here"),
+    ):
+        r = run(*args) if args[0] == "chat" else run("--ckpt_dir", str(folder), *args)
+        assert r.returncode != 0 and r.stderr.strip().startswith(said) and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_folder_named_by_a_number_stays_a_path(folder, tmp_path, monkeypatch):
+    """fire reads 2024 as an int: path flags reach the command verbatim, as --prompt does."""
+    (tmp_path / "2024").symlink_to(folder)
+    (tmp_path / "7").write_text("the king\n")
+    monkeypatch.chdir(tmp_path)
+    r = run("--ckpt_dir", "2024", "--prompts_file", "7", "--out", "5", "--max_gen_len", "2", "--max_seq_len", "32")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "5").read_text())["prompt"] == "the king"
 
 
 def test_streamed_batch_prints_what_the_batch_prints(folder):
