@@ -244,16 +244,26 @@ def save_checkpoint(
 ) -> Path:
     """Write a Meta folder: params.json, n_shards consolidated.NN.pth split as Meta splits them
     (embedding on its dim, Llama 1/2 style), and checklist.chk in `md5sum -c` format."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not (isinstance(n_shards, int) and n_shards >= 1):
+        raise ValueError(f"n_shards={n_shards!r}: use a whole number, at least 1")
     for what, count in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
         if count % n_shards:
             raise ValueError(f"n_shards={n_shards} does not divide {what}={count}")
+    dims = {k: 1 if k == "tok_embeddings.weight" else split_dim(k, t.shape, args) for k, t in state_dict.items()}
+    for key, dim in dims.items():  # before anything is written: uneven pieces would not load again
+        if dim is not None and state_dict[key].shape[dim] % n_shards:
+            size = state_dict[key].shape[dim]
+            raise ValueError(
+                f"n_shards={n_shards} does not divide {key}'s {size} along the dim Meta's shards split: "
+                f"use a number of shards that divides it (1 always does)"
+            )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
     for i in range(n_shards):
         shard = {}
         for key, tensor in state_dict.items():
-            dim = 1 if key == "tok_embeddings.weight" else split_dim(key, tensor.shape, args)
+            dim = dims[key]
             piece = tensor if dim is None else tensor.chunk(n_shards, dim)[i]
             shard[key] = piece.detach().to("cpu").contiguous().clone()  # a view would save all
         torch.save(shard, out / f"consolidated.{i:02d}.pth")

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import GQA, MHA, THETA
+from conftest import GQA, MHA, THETA, random_state_dict
 
 from llama import LLaMa
 from llama.checkpoint import MetaCheckpoint, save_checkpoint
@@ -63,6 +63,18 @@ def test_save_checkpoint_round_trips_and_writes_checklist(tmp_path, make_ckpt):
         assert torch.equal(model.state_dict()[key], value), key
     check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=out, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_shards_that_would_not_load_again_are_refused_before_writing(tmp_path):
+    """A vocabulary of 97 (like the 32001 of many fine-tunes) or an FFN of 171 does not split in two."""
+    for params, key in ((dict(MHA, vocab_size=97), "output.weight"), (dict(MHA, multiple_of=171), "w1.weight")):
+        args = ModelArgs.from_params(params)
+        with pytest.raises(ValueError, match=f"n_shards=2 does not divide .*{key}'s"):
+            save_checkpoint(random_state_dict(params), args, tmp_path / "uneven", n_shards=2)
+        assert not (tmp_path / "uneven").exists()
+        assert MetaCheckpoint(save_checkpoint(random_state_dict(params), args, tmp_path / key, n_shards=1)).args == args
+    with pytest.raises(ValueError, match="n_shards=0: use a whole number"):
+        save_checkpoint(random_state_dict(MHA), ModelArgs.from_params(MHA), tmp_path / "none", n_shards=0)
 
 
 class Exploit:
