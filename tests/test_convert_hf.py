@@ -264,6 +264,25 @@ def test_llama3_tokenizer_goes_to_hugging_face_and_back(make_ckpt, tiktoken_path
     assert "tokenizer.model" in (back / "checklist.chk").read_text()
 
 
+@pytest.mark.parametrize("which", ["built-in", "Meta's"])  # the tests' own 96 words leave most text unknown
+def test_a_sentencepiece_tokenizer_encodes_in_hugging_face_as_ours(make_ckpt, tmp_path, which):
+    """With the tokenizer_config.json written beside it, transformers' LlamaTokenizer starts with BOS
+    (it added none without), keeps text that spells a special token as text, and puts the model's
+    own dummy prefix (the built-in model has none). Single spaces: its conversion of SentencePiece
+    merges runs of spaces otherwise than SentencePiece does."""
+    transformers = pytest.importorskip("transformers")
+    from llama.loading import BUILTIN_MODEL
+
+    path = BUILTIN_MODEL / "tokenizer.model" if which == "built-in" else needs_shared("tokenizer.model")
+    ours = Tokenizer(path)
+    folder, _ = make_ckpt(dict(MHA, vocab_size=ours.n_words), 1, tokenizer=path)
+    theirs = transformers.AutoTokenizer.from_pretrained(
+        meta_folder_to_hf(folder, tmp_path / "hf"), local_files_only=True
+    )
+    texts = ["Hello world", "ROMEO:\nWhat say you?", "emoji 🦙 and 中文 text", "</s> and <s> stay text", "3.14 -42"]
+    assert [theirs.encode(t) for t in texts] == [ours.encode(t, bos=True, eos=False) for t in texts]
+
+
 def test_hf_tokenizer_json_that_is_not_llama_3s(tmp_path, sp_model_path):
     """A byte-level BPE without Llama 3's special tokens is refused before any weight is written; a
     tokenizer.json of another kind (Llama 2's, without its tokenizer.model) is left out, with a warning."""

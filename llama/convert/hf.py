@@ -220,9 +220,9 @@ def _read_json(path: Path) -> dict:
 
 def _tokenizer_to_hf(source: Path | None, out: Path) -> Tokenizer | None:
     """The Meta folder's tokenizer as transformers reads it: a SentencePiece tokenizer.model as it
-    is (LlamaTokenizer reads it), Llama 3's tiktoken file as tokenizer.json + tokenizer_config.json;
-    and generation_config.json, whose eos_token_id lists every stop id (Llama 3 Instruct's turns end
-    at <|eot_id|>, not only at <|end_of_text|>)."""
+    is, with a tokenizer_config.json for LlamaTokenizer; Llama 3's tiktoken file as tokenizer.json +
+    tokenizer_config.json; and generation_config.json, whose eos_token_id lists every stop id (Llama
+    3 Instruct's turns end at <|eot_id|>, not only at <|end_of_text|>)."""
     if source is None or not source.is_file():
         logger.warning("no tokenizer.model found to write into %s", out)
         return None
@@ -231,9 +231,27 @@ def _tokenizer_to_hf(source: Path | None, out: Path) -> Tokenizer | None:
         bpe.write_tokenizer_json(tokenizer, out)
     else:
         shutil.copyfile(source, out / "tokenizer.model")
+        (out / "tokenizer_config.json").write_text(json.dumps(_sentencepiece_config(tokenizer), indent=2) + "\n")
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids)}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return tokenizer
+
+
+def _sentencepiece_config(tokenizer: Tokenizer) -> dict:
+    """What transformers' LlamaTokenizer needs to encode as Meta's SentencePiece tokenizer does: BOS
+    first (without this file it adds none), text that spells a special token kept as text, and the
+    model's own dummy prefix (the "▁" Llama's tokenizers put before the text; a model trained
+    without it, like the built-in one, puts none)."""
+    sp = tokenizer.sp_model
+    specials = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "unk_token": sp.unk_id()}
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        **{name: sp.id_to_piece(i) for name, i in specials.items() if i >= 0},
+        "split_special_tokens": True,
+        "add_prefix_space": sp.encode_as_pieces("a")[0].startswith("▁"),
+    }
 
 
 def _tokenizer_from_hf(src: Path) -> bytes | None:
