@@ -243,7 +243,7 @@ def _empty(args: ModelArgs, dtype: torch.dtype, device: torch.device, max_batch_
     """The architecture on the meta device: shapes and dtypes, no memory. A model that could not fit
     even at 4 bits a weight is refused by arithmetic first (building a huge one on the meta device
     would take minutes). Logs the scaled RoPE's factor, which params.json may leave to the reader."""
-    _check_fits(args, args.parameter_count() // 2, dtype, device, max_batch_size, max_seq_len)
+    _check_fits(args, args.parameter_count() // 2, dtype, device, max_batch_size, max_seq_len, least=True)
     if args.use_scaled_rope:
         factor, source = args.rope_factor_and_source()
         logger.info("scaled RoPE, factor %g (%s); rope_scaling_factor in params.json sets another", factor, source)
@@ -261,9 +261,9 @@ def _allocate(
     return model.to_empty(device=device)
 
 
-def _check_fits(args, nbytes: int, dtype: torch.dtype, device: torch.device, max_batch_size: int, max_seq_len: int):
+def _check_fits(args, nbytes: int, dtype, device: torch.device, max_batch_size: int, max_seq_len: int, least=False):
     cache_bytes = kv_cache_bytes(args, dtype, max_batch_size, max_seq_len)
-    check_fits(nbytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}")
+    check_fits(nbytes, cache_bytes, device, f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}", least)
 
 
 def kv_cache_bytes(

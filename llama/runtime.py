@@ -82,19 +82,26 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(weight_bytes: int, cache_bytes: int, device: torch.device, cache_args: str) -> None:
-    """Refuse, with the arithmetic, a run whose weights and KV cache exceed the free memory."""
+def check_fits(weight_bytes: int, cache_bytes: int, device: torch.device, cache_args: str, least: bool = False) -> None:
+    """Refuse, with the arithmetic, a run whose weights and KV cache exceed the free memory (least:
+    weight_bytes is a lower bound, 4 bits a weight, checked before the dtype and quantization count)."""
     free = available_memory(device)
     if free is None or weight_bytes + cache_bytes <= free:
         return
     devices = -(-(weight_bytes + cache_bytes) // max(free, 1))  # each holding 1/n of both
+    weights = f"at least {size(weight_bytes)} (4 bits each)" if least else size(weight_bytes)
     raise ValueError(
-        f"not enough memory on {device}: the weights need {weight_bytes / GiB:.2f} GiB and the KV cache "
-        f"({cache_args}) {cache_bytes / GiB:.2f} GiB, but {free / GiB:.2f} GiB is free. Lower max_seq_len "
+        f"not enough memory on {device}: the weights need {weights} and the KV cache "
+        f"({cache_args}) {size(cache_bytes)}, but {size(free)} is free. Lower max_seq_len "
         "or max_batch_size (the cache grows with both), choose a smaller dtype or a device with more memory, "
         f"or split the model over {devices} or more such devices (torchrun --nproc_per_node N: README, "
         "More than one device)"
     )
+
+
+def size(nbytes: int) -> str:
+    """Bytes in GiB, or in MiB below a tenth of one."""
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB // 10 else f"{nbytes / (1 << 20):.1f} MiB"
 
 
 def file_mappings() -> list[tuple[int, int]]:

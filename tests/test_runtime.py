@@ -47,7 +47,7 @@ def test_a_cache_that_cannot_fit_is_refused_with_the_arithmetic(make_ckpt):
         ValueError, match=r"KV cache \(max_batch_size=4 x max_seq_len=1000000000\) 953.67 GiB.*Lower max_seq_len"
     ):
         LLaMa.build(folder, max_seq_len=10**9, max_batch_size=4)
-    with pytest.raises(ValueError, match="must be at least 1"):
+    with pytest.raises(ValueError, match="max_seq_len=0: use a whole number, at least 1"):
         LLaMa.build(folder, max_seq_len=0)
 
 
@@ -58,6 +58,10 @@ def test_check_fits_passes_what_fits_and_says_how_many_devices_would_hold_the_re
     monkeypatch.setattr("llama.runtime.available_memory", lambda device: 10 * GiB)
     with pytest.raises(ValueError, match="split the model over 3 or more such devices .torchrun --nproc_per_node N"):
         check_fits(25 * GiB, 2 * GiB, torch.device("cpu"), "some")
+    with pytest.raises(
+        ValueError, match=r"weights need at least 12.00 GiB \(4 bits each\) and the KV cache .* 5.0 MiB"
+    ):
+        check_fits(12 * GiB, 5 << 20, torch.device("cpu"), "some", least=True)
 
 
 def test_kv_cache_is_allocated_once_in_model_dtype(make_ckpt):
