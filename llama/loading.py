@@ -46,7 +46,7 @@ def uses_tiktoken(source: str | os.PathLike, tokenizer_path: str | os.PathLike |
     """Whether a build of source would use Llama 3's tokenizer: tokenizer_path, the folder's
     tokenizer.model, or a GGUF file's vocabulary, read no further than the kind (a preset: no tokenizer)."""
     source = Path(source)
-    if tokenizer_path is None and source.suffix == ".gguf" and source.is_file():
+    if tokenizer_path is None and source.suffix.lower() == ".gguf" and source.is_file():
         return vocabulary_kind(source) == "gpt2"
     path = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(source) if source.is_dir() else None
     return path is not None and path.is_file() and Tokenizer.kind(path) is TiktokenTokenizer
@@ -70,7 +70,7 @@ def load(
     run = dict(device=device, dtype=dtype, quantize=quantize, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     if not load_model:
         return random_weights(path, tokenizer_path, seed=seed, **run)
-    if path.suffix == ".gguf" and path.is_file():
+    if path.suffix.lower() == ".gguf" and not path.is_dir():  # a missing file: load_gguf says so
         return load_gguf(path, tokenizer_path, **run)
     if path.is_dir() and read_scheme(path) is not None:
         return load_quantized_folder(path, tokenizer_path, **run)

@@ -218,6 +218,11 @@ def test_build_takes_a_gguf_file_alone(make_ckpt, tmp_path):
         for path in (folder, gguf_file)  # the GGUF's own vocabulary is the tokenizer: nothing beside it
     ]
     assert runs[0] == runs[1] and list(gguf_file.parent.iterdir()) == [gguf_file]
+    upper = gguf_file.rename(gguf_file.with_name("MODEL.GGUF"))  # the suffix in any case
+    llm = LLaMa.build(upper, dtype="float32", max_seq_len=32, max_batch_size=2)
+    assert llm.text_completion(prompts, temperature=0, max_gen_len=6) == runs[1]
+    with pytest.raises(FileNotFoundError, match="no GGUF file at .*nowhere.gguf"):
+        LLaMa.build(tmp_path / "nowhere.gguf")
     q8 = LLaMa.build(meta_folder_to_gguf(folder, tmp_path / "q8.gguf", "Q8_0"), dtype="bf16", max_seq_len=32)
     assert q8.model.output.weight.dtype == torch.bfloat16
 
