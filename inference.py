@@ -199,7 +199,11 @@ def chat(
         seed=seed,
         quantize=quantize,
     )
+    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
+        raise ValueError(f"max_gen_len={max_gen_len!r}: ask for a whole number of new tokens, at least 1")
     start = [{"role": "system", "content": system}] if system else []
+    if start and len(encode_dialog(llm.tokenizer, [*start, {"role": "user", "content": ""}])) >= max_seq_len:
+        raise ValueError(f"--system leaves no room for a message in max_seq_len={max_seq_len}: shorten it")
     dialog = list(start)
     print("Chat: /reset clears the history, /exit quits, Ctrl-C stops a reply.", flush=True)
     while True:

@@ -341,3 +341,12 @@ def test_a_message_too_long_to_fit_is_refused_and_the_history_kept(folder):
     first = [{"role": "user", "content": "the king"}]
     second = first + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": "and the queen"}]
     assert replies[1] == llm.chat_completion([second], temperature=0, max_gen_len=6)[0]["generation"]["content"]
+
+
+def test_chat_refuses_a_system_message_or_max_gen_len_that_leaves_no_reply_before_the_first_message(folder):
+    for extra, said in (
+        (["--system", "the king " * 40, "--max_seq_len", "32"], "error: --system leaves no room for a message"),
+        (["--max_gen_len", "0"], "error: max_gen_len=0: ask for a whole number of new tokens"),
+    ):
+        r = chat_session(folder, ["hi"], *extra)
+        assert r.returncode == 1 and r.stderr.strip().startswith(said) and "llama> " not in r.stdout, r.stderr
