@@ -360,6 +360,13 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """The final-norm hidden states [B, T, dim] that `output` turns into logits (generation
         projects only the last position: a long prompt's other logits are never read)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            what = (
+                f"a {tuple(tokens.shape)} {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor) else type(tokens)
+            )
+            raise ValueError(f"tokens is {what}: pass ids as a [batch, time] integer tensor ([ids] for one row)")
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ValueError(f"start_pos={start_pos!r}: the position of the first token, a whole number from 0")
         bsz, seqlen = tokens.shape
         if self.freqs_cis is None:
             if start_pos != 0:

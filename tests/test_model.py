@@ -47,6 +47,11 @@ def test_forward_outside_cache_is_a_clear_error():
     model.setup_cache(1, 8)
     with pytest.raises(ValueError, match="max_seq_len=8"):
         model(tokens(MHA["vocab_size"], 1, 4), 6)
+    with pytest.raises(ValueError, match="start_pos=-1: the position of the first token"):
+        model(tokens(MHA["vocab_size"], 1, 4), -1)
+    for bad, what in (([[1, 2]], "<class 'list'>"), (torch.tensor([1, 2]), r"a \(2,\) torch.int64 tensor")):
+        with pytest.raises(ValueError, match=f"tokens is {what}: pass ids as a \\[batch, time\\] integer tensor"):
+            model(bad, 0)
 
 
 def test_rope_rotates_interleaved_pairs_by_position_times_frequency():
