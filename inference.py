@@ -85,7 +85,8 @@ def complete(
     file runs by continuous batching (a prompt takes a row's place as soon as it ends; greedy
     output is each prompt's run alone), with a progress bar on a terminal; --meta_schedule runs
     it in batches of --max_batch_size in file order, as Meta's code does (the same samples as
-    --prompt). --compile (CUDA) runs the decode steps as CUDA graphs.
+    --prompt). --compile (CUDA) runs the decode steps as CUDA graphs. --stop (repeatable) ends a
+    row at a string taken as typed: "\\n" is a backslash and an n, bash's $'\\n' a newline.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
