@@ -239,11 +239,37 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Refuse a folder that already holds a checkpoint (params.json or shards) as a place to write
+    one: writing over it would destroy it, and over the folder a model was just mapped from, the
+    very weights being written."""
+    out = Path(out_dir)
+    held = sorted(p.name for p in [out / "params.json", *out.glob("consolidated.*.pth")] if p.exists())
+    if held:
+        raise ValueError(f"{out} already holds a checkpoint ({', '.join(held[:3])}): write to a new or empty folder")
+    return out
+
+
+def new_checkpoint_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """out_dir, made where missing, and checked (check_out_dir); with overwrite, its old shards
+    removed instead (fewer new ones would leave stale ones beside them)."""
+    out = Path(out_dir) if overwrite else check_out_dir(out_dir)
+    for old in out.glob("consolidated.*.pth"):
+        old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def save_checkpoint(
-    state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike, n_shards: int = 1
+    state_dict: dict[str, torch.Tensor],
+    args: ModelArgs,
+    out_dir: str | os.PathLike,
+    n_shards: int = 1,
+    overwrite: bool = False,
 ) -> Path:
     """Write a Meta folder: params.json, n_shards consolidated.NN.pth split as Meta splits them
-    (embedding on its dim, Llama 1/2 style), and checklist.chk in `md5sum -c` format."""
+    (embedding on its dim, Llama 1/2 style), and checklist.chk in `md5sum -c` format; a folder
+    that holds a checkpoint already is refused (new_checkpoint_dir) unless overwrite."""
     if not (isinstance(n_shards, int) and n_shards >= 1):
         raise ValueError(f"n_shards={n_shards!r}: use a whole number, at least 1")
     for what, count in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
@@ -257,8 +283,7 @@ def save_checkpoint(
                 f"n_shards={n_shards} does not divide {key}'s {size} along the dim Meta's shards split: "
                 f"use a number of shards that divides it (1 always does)"
             )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_checkpoint_dir(out_dir, overwrite)
     (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
     for i in range(n_shards):
         shard = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama.checkpoint import write_checklist
+from llama.checkpoint import new_checkpoint_dir, write_checklist
 from llama.cpu import PackedLinear, weight_bytes
 from llama.model import Transformer
 from llama.quantized_linear import GROUP_SIZES, Int4Linear, Int8Linear, QuantizedLinear, wants_kernel_layout
@@ -80,14 +80,17 @@ def save_quantized(
 ) -> Path:
     """A folder that loads without quantizing again: params.json, quantization.json and one
     consolidated.00.pth of quantized tensors (not Meta's layout, so never split into shards),
-    the tokenizer, and checklist.chk over all of them."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    the tokenizer, and checklist.chk over all of them. A folder that holds a checkpoint already
+    (the one the model was loaded from, say) is refused."""
+    if getattr(model, "quantization", None) is None:
+        raise ValueError("the model is not quantized: make_quantized(model, 'int8' or 'int4') first")
+    out = new_checkpoint_dir(out_dir)
     (out / "params.json").write_text(json.dumps(model.params.to_params(), indent=2) + "\n")
     (out / QUANT_FILE).write_text(json.dumps(model.quantization) + "\n")
     torch.save({k: v.to("cpu") for k, v in model.state_dict().items()}, out / "consolidated.00.pth")
-    if tokenizer_path is not None:
-        shutil.copy(tokenizer_path, out / "tokenizer.model")
+    target = out / "tokenizer.model"
+    if tokenizer_path is not None and not (target.exists() and os.path.samefile(tokenizer_path, target)):
+        shutil.copy(tokenizer_path, target)
     write_checklist(out)
     return out
 

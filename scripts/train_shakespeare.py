@@ -91,7 +91,7 @@ def main(
     )
 
     state_dict = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    out = save_checkpoint(state_dict, args, out_dir, n_shards=2)
+    out = save_checkpoint(state_dict, args, out_dir, n_shards=2, overwrite=True)  # retrains the built-in folder
     (out / "tokenizer.model").write_bytes(tokenizer_proto)
     names = write_checklist(out)
     print(f"wrote {out}: {', '.join(names)}, checklist.chk")

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,18 +77,46 @@ def test_bad_scheme_is_refused_before_loading(make_ckpt):
         make_quantized(LLaMa.build(folder, max_seq_len=8).model, "int4", group_size=48)
 
 
-def test_quantize_command_writes_a_folder_that_checks_out(make_ckpt, tmp_path):
-    folder, _ = make_ckpt(GQA, 2)
-    r = subprocess.run(
-        [sys.executable, "-m", "llama.convert.quantized", str(folder), str(tmp_path / "q8")],
+def quantize_command(src: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llama.convert.quantized", str(src), str(out)],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_quantize_command_writes_a_folder_that_checks_out(make_ckpt, tmp_path):
+    folder, _ = make_ckpt(GQA, 2)
+    r = quantize_command(folder, tmp_path / "q8")
     assert r.returncode == 0, r.stderr
     check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=tmp_path / "q8", capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(": OK") == 4
     assert LLaMa.build(tmp_path / "q8", max_seq_len=8).model.quantization == {"scheme": "int8", "group_size": None}
+
+
+def test_a_folder_that_holds_a_checkpoint_is_never_written_over(make_ckpt, tmp_path):
+    """Quantizing a one-shard bf16 folder into itself wrote over the shard it was mapped from (a bus
+    error, the source cut to a few KB): any folder holding a checkpoint is refused before writing."""
+    folder, _ = make_ckpt(GQA, 1, dtype=torch.bfloat16)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    save_quantized(make_quantized(LLaMa.build(folder, device="cpu").model, "int8"), tmp_path / "q")
+    for out in (folder, tmp_path / "q"):
+        r = quantize_command(folder, out)
+        said = f"error: {out} already holds a checkpoint (consolidated.00.pth, params.json): write to a new"
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(said), r.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(ValueError, match="the model is not quantized: make_quantized"):
+        save_quantized(LLaMa.build(folder, device="cpu").model, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    # The folder holding the tokenizer (Meta's parent layout) takes the quantized files beside it.
+    (tmp_path / "parent" / "m").mkdir(parents=True)
+    for name in ("params.json", "consolidated.00.pth", "tokenizer.model"):
+        (tmp_path / "parent" / "m" / name).write_bytes(before[name])
+    (tmp_path / "parent" / "m" / "tokenizer.model").rename(tmp_path / "parent" / "tokenizer.model")
+    r = quantize_command(tmp_path / "parent" / "m", tmp_path / "parent")
+    assert r.returncode == 0, r.stderr
+    assert LLaMa.build(tmp_path / "parent", max_seq_len=8).model.quantization["scheme"] == "int8"
 
 
 PEAK = r"""

@@ -230,7 +230,8 @@ def _tokenizer_to_hf(source: Path | None, out: Path) -> Tokenizer | None:
     if isinstance(tokenizer, TiktokenTokenizer):
         bpe.write_tokenizer_json(tokenizer, out)
     else:
-        shutil.copyfile(source, out / "tokenizer.model")
+        if not ((out / "tokenizer.model").exists() and os.path.samefile(source, out / "tokenizer.model")):
+            shutil.copyfile(source, out / "tokenizer.model")
         (out / "tokenizer_config.json").write_text(json.dumps(_sentencepiece_config(tokenizer), indent=2) + "\n")
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids)}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from llama.checkpoint import check_out_dir
 from llama.convert import run_cli
 from llama.loading import load_meta_folder
 from llama.quantize import save_quantized
@@ -20,6 +21,7 @@ def meta_folder_to_quantized(
     src: str | os.PathLike, out: str | os.PathLike, scheme: str = "int8", dtype: str = "bfloat16"
 ) -> Path:
     """Quantize a Meta folder once and save it (with its tokenizer.model) into out."""
+    check_out_dir(out)  # before the model loads
     cpu = torch.device("cpu")
     model, tokenizer = load_meta_folder(src, device=cpu, dtype=resolve_dtype(dtype, cpu), quantize=scheme)
     return save_quantized(model, out, tokenizer.path)
