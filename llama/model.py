@@ -326,15 +326,25 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = 0
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the KV cache once, in the model's dtype on its device, and the rotations."""
+        """Allocate the KV cache once, in the model's dtype on its device, and the rotations. Not
+        inference tensors even inside torch.inference_mode: calls outside it write the cache too."""
         weight = self.tok_embeddings.weight  # never quantized: the dtype activations have
-        for layer in self.layers:
-            attention = layer.attention  # its own kv heads: a tensor-parallel rank holds some
-            shape = (max_batch_size, attention.n_kv_heads, max_seq_len, attention.head_dim)
-            attention.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-            attention.cache_v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.freqs_cis = self._freqs(max_seq_len).to(weight.device)
+        with torch.inference_mode(False):
+            for layer in self.layers:
+                attention = layer.attention  # its own kv heads: a tensor-parallel rank holds some
+                shape = (max_batch_size, attention.n_kv_heads, max_seq_len, attention.head_dim)
+                attention.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+                attention.cache_v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            self.freqs_cis = self._freqs(max_seq_len).to(weight.device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def _apply(self, fn, recurse: bool = True):
+        """.to(), .half(), .cuda() and the like move the weights; the cache, which is not a
+        parameter, is then allocated again in their new dtype and place (empty: between generations)."""
+        super()._apply(fn, recurse)
+        if self.freqs_cis is not None:
+            self.setup_cache(self.max_batch_size, self.max_seq_len)
+        return self
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Random weights for a model built without a checkpoint: N(0, 0.02) matrices, unit norms."""

@@ -1,5 +1,6 @@
 """The network: invariants of the cache and RoPE, and logits equal to Hugging Face's LlamaForCausalLM."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -52,6 +53,27 @@ def test_forward_outside_cache_is_a_clear_error():
     for bad, what in (([[1, 2]], "<class 'list'>"), (torch.tensor([1, 2]), r"a \(2,\) torch.int64 tensor")):
         with pytest.raises(ValueError, match=f"tokens is {what}: pass ids as a \\[batch, time\\] integer tensor"):
             model(bad, 0)
+
+
+def test_moving_or_casting_the_model_takes_its_cache_along():
+    """.to() moves parameters only; the cache (attributes) is made again in the new dtype, where it
+    had stayed behind and attention refused the mixed dtypes."""
+    a = build(MHA)
+    b = copy.deepcopy(a)
+    a.setup_cache(2, 16)
+    a.to(torch.bfloat16)
+    b.to(torch.bfloat16).setup_cache(2, 16)
+    assert a.layers[0].attention.cache_v.dtype == torch.bfloat16 and a.freqs_cis.dtype == torch.complex64
+    x = tokens(MHA["vocab_size"], 2, 5)
+    assert torch.equal(a(x, 0), b(x, 0)) and torch.equal(a(x[:, :1], 5), b(x[:, :1], 5))
+
+
+def test_a_cache_made_inside_inference_mode_is_written_outside_it():
+    model = build(MHA)
+    with torch.inference_mode():
+        model.setup_cache(1, 8)
+    with torch.no_grad():
+        assert model(tokens(MHA["vocab_size"], 1, 3), 0).shape == (1, 3, MHA["vocab_size"])
 
 
 def test_rope_rotates_interleaved_pairs_by_position_times_frequency():
