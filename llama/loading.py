@@ -104,6 +104,14 @@ def open_meta_folder(
     folder: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
 ) -> tuple[MetaCheckpoint, Tokenizer]:
     """A Meta folder's shards (mapped, not read) and the tokenizer whose vocabulary they fit."""
+    path = Path(folder)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        raise ValueError(f"{path} is a GGUF file, not a Meta folder: LLaMa.build reads it, in one process")
+    if path.is_dir() and read_scheme(path) is not None:
+        raise ValueError(
+            f"{path} is a quantized folder (quantization.json), not Meta's layout: LLaMa.build (or "
+            "load_quantized_folder) reads it, in one process"
+        )
     checkpoint = MetaCheckpoint(folder)
     args = checkpoint.args
     tokenizer = tokenizer_for(args, checkpoint.dir, tokenizer_path)

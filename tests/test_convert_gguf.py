@@ -27,6 +27,7 @@ from llama.checkpoint import md5
 from llama.convert.gguf import gguf_to_meta_folder, meta_folder_to_gguf, read_gguf, write_gguf
 from llama.convert.hf import permute_rope
 from llama.generation import LLaMa
+from llama.loading import load_meta_folder
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
 
@@ -223,6 +224,8 @@ def test_build_takes_a_gguf_file_alone(make_ckpt, tmp_path):
     assert llm.text_completion(prompts, temperature=0, max_gen_len=6) == runs[1]
     with pytest.raises(FileNotFoundError, match="no GGUF file at .*nowhere.gguf"):
         LLaMa.build(tmp_path / "nowhere.gguf")
+    with pytest.raises(ValueError, match="MODEL.GGUF is a GGUF file, not a Meta folder: .* in one process"):
+        load_meta_folder(upper)  # as torchrun's processes open their source
     q8 = LLaMa.build(meta_folder_to_gguf(folder, tmp_path / "q8.gguf", "Q8_0"), dtype="bf16", max_seq_len=32)
     assert q8.model.output.weight.dtype == torch.bfloat16
 

@@ -40,6 +40,9 @@ def test_a_quantized_folder_is_not_quantized_twice(make_ckpt, tmp_path):
         load_quantized_folder(saved, folder / "tokenizer.model", device="cpu", dtype="bf16", quantize="int4")
     with pytest.raises(FileNotFoundError, match="no quantization.json in"):
         load_quantized_folder(folder, device="cpu")
+    # what torchrun's processes open as a Meta folder: its uint8 weights were said not to be floats
+    with pytest.raises(ValueError, match=r"is a quantized folder \(quantization.json\).* in one process"):
+        load_meta_folder(saved, device="cpu")
 
 
 def test_the_default_dtype_follows_the_family_by_its_tokenizer(make_ckpt, tiktoken_path, sp_model_path, tmp_path):
