@@ -91,6 +91,11 @@ def complete(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     prompts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
     prompts = prompts or EXAMPLE_PROMPTS
+    if out is not None:  # before the model loads, and on every rank alike
+        if Path(out).is_dir():
+            raise ValueError(f"--out {out} is a folder: name a file to write")
+        if not Path(out).absolute().parent.is_dir():
+            raise FileNotFoundError(f"--out {out}: the folder {Path(out).absolute().parent} does not exist")
     llm = LLaMa.build(
         ckpt_dir,
         tokenizer_path,
@@ -409,7 +414,7 @@ def main(argv: list[str]) -> None:
     init_distributed(flag_value(rest, "device"))
     try:
         fire.Fire(command, command=rest)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message (once), not a traceback
+    except (ValueError, OSError) as e:  # bad input, an unwritable file: the message (once), not a traceback
         if RANK == 0:
             print(f"error: {e}", file=sys.stderr)
         close_distributed(1)

@@ -135,6 +135,8 @@ def test_bad_input_exits_with_the_message(folder, tmp_path):
         (["--prompt", "a", "--max_batch_size", "2.5"], "error: max_batch_size=2.5: use a whole number"),
         (["--prompt", "a", "--seed", "abc"], "error: seed='abc': use a whole number"),
         (["chat", "--prompts_file", "p.txt"], "error: no flag --prompts_file here"),
+        (["--prompt", "a", "--out", str(tmp_path)], f"error: --out {tmp_path} is a folder: name a file"),
+        (["--prompt", "a", "--out", str(tmp_path / "no" / "x")], f"error: --out {tmp_path}/no/x: the folder"),
     ):
         r = run(*args) if args[0] == "chat" else run("--ckpt_dir", str(folder), *args)
         assert r.returncode != 0 and r.stderr.strip().startswith(said) and "Traceback" not in r.stderr, r.stderr
