@@ -94,8 +94,9 @@ def world_sizes(args: ModelArgs) -> list[int]:
 def check_world_size(args: ModelArgs, n: int, folder: Path) -> None:
     if n not in world_sizes(args):
         raise ValueError(
-            f"{n} processes cannot split {folder} (n_heads={args.n_heads}, n_kv_heads={args.kv_heads}, vocab "
-            f"{args.vocab_size}): use one of {', '.join(map(str, world_sizes(args)))} (torchrun --nproc_per_node)"
+            f"{n} processes cannot split {folder} (n_heads={args.n_heads}, n_kv_heads={args.kv_heads}, "
+            f"feed-forward width {args.ffn_hidden_dim}, vocab {args.vocab_size}): use one of "
+            f"{', '.join(map(str, world_sizes(args)))} (torchrun --nproc_per_node)"
         )
 
 

@@ -117,6 +117,17 @@ def test_process_counts_that_cannot_split_the_heads_name_those_that_can(make_ckp
     assert all("3 processes cannot split" in r["error"] and "use one of 1, 2, 4" in r["error"] for r in ranks)
 
 
+def test_the_feed_forward_width_and_vocabulary_limit_the_process_count_too():
+    from llama.model import ModelArgs
+    from llama.parallel import check_world_size
+
+    args = ModelArgs.from_params(dict(MHA, multiple_of=34))  # 4 heads, but a feed-forward width of 170
+    with pytest.raises(
+        ValueError, match="4 processes cannot split .*feed-forward width 170, vocab 96.: use one of 1, 2"
+    ):
+        check_world_size(args, 4, Path("m"))
+
+
 def test_an_error_on_one_rank_ends_every_rank_with_its_message(make_ckpt, tmp_path):
     """Rank 1 alone is given a tokenizer that is not there: rank 0 must not wait for it forever."""
     folder, _ = make_ckpt(MHA, 2)
