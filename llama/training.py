@@ -38,30 +38,42 @@ class TrainConfig:
     bf16: bool = False  # autocast matmuls to bfloat16; the weights and AdamW stay float32
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: use a whole number, at least 1")
+
 
 def train_tokenizer(text: str, vocab_size: int) -> bytes:
     """A BPE tokenizer.model (its bytes) with Meta's ids (unk 0, bos 1, eos 2, no pad) whose decode(encode(s))
     is s for any s: identity normalization, spaces and newlines kept, unseen bytes as byte pieces."""
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines(keepends=True)),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        # No leading "▁" on the first word: "ROMEO:" is then the same pieces as a line of the text.
-        add_dummy_prefix=False,
-        num_threads=1,
-        minloglevel=2,
-    )
+    lines = text.splitlines(keepends=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=buf,
+            # SentencePiece leaves out, silently, lines longer than its default of 4192 bytes
+            max_sentence_length=max([4192, *(len(line.encode()) for line in lines)]),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=1.0,
+            byte_fallback=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            # No leading "▁" on the first word: "ROMEO:" is then the same pieces as a line of the text.
+            add_dummy_prefix=False,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. fewer pieces than the text's characters and the 256 bytes need
+        raise ValueError(f"SentencePiece cannot train vocab_size={vocab_size} on this text: {e}") from None
     return buf.getvalue()
 
 
@@ -108,8 +120,11 @@ def evaluate(model: Transformer, tokens: torch.Tensor, config: TrainConfig) -> f
 def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tensor, config: TrainConfig) -> list[dict]:
     """Train `model` (float32 weights, no KV cache) in place on the CPU; returns the evaluations at step 0,
     every eval_every steps and at the end: [{"step", "lr", "train_loss", "val_loss", "seconds"}]."""
-    if config.steps < 1:
-        raise ValueError(f"steps={config.steps}: train for at least one step")
+    if model.freqs_cis is not None:
+        raise ValueError(
+            "the model has a KV cache (LLaMa.build's, for generating, with frozen weights): train one without, "
+            "from llama.loading.load_meta_folder or Transformer(args)"
+        )
     if model.params.vocab_size <= int(max(train_tokens.max(), val_tokens.max())):
         raise ValueError(f"token ids reach past vocab_size={model.params.vocab_size}: size the model by the tokenizer")
     generator = torch.Generator().manual_seed(config.seed)

@@ -79,10 +79,24 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
 
 
 def test_bad_inputs_are_refused():
-    with pytest.raises(ValueError, match="steps=0"):
-        train(tiny_model(), PATTERN, PATTERN, quick(steps=0))
+    for name in ("steps", "batch_size", "eval_every", "eval_batches"):  # the last two divided by zero
+        with pytest.raises(ValueError, match=f"{name}=0: use a whole number, at least 1"):
+            quick(**{name: 0})
     with pytest.raises(ValueError, match="vocab_size=16"):
         train(tiny_model(), PATTERN + 10, PATTERN, quick())
+    built = tiny_model()
+    built.setup_cache(1, 16)  # as LLaMa.build's: its cache kept each step's graph, and the second backward failed
+    with pytest.raises(ValueError, match="the model has a KV cache .*load_meta_folder or Transformer"):
+        train(built, PATTERN, PATTERN, quick())
+    with pytest.raises(ValueError, match="cannot train vocab_size=260 on this text"):
+        train_tokenizer("\n".join(speech_lines(50)), vocab_size=260)  # fewer than its bytes and characters
+
+
+def test_the_tokenizer_learns_from_lines_longer_than_sentencepieces_default():
+    """SentencePiece dropped, silently, lines over 4192 bytes: a paragraph of 7800 characters was not learnt."""
+    rare = " ".join(["zebra quokka"] * 600)
+    tok = Tokenizer("t.model", contents=train_tokenizer("\n".join(speech_lines(100)) + "\n" + rare, vocab_size=320))
+    assert len(tok.encode("zebra quokka", bos=False, eos=False)) <= 3
 
 
 def test_tokenizer_round_trips_newlines_and_runs_of_spaces():
