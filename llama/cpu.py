@@ -224,7 +224,7 @@ def use_kernel_norms_and_attention(model: nn.Module) -> int:
 def plain_modules(model: nn.Module) -> int:
     """Undo the compiled kernels and oneDNN's packing: nn.Linear, RMSNorm, and GroupedQueryAttention
     for a KernelAttention, on the same weights (packed ones unpacked), to compare against PyTorch's
-    own operators. Returns how many modules changed."""
+    own operators (quantized layers are left as they are). Returns how many modules changed."""
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

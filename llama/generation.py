@@ -95,9 +95,12 @@ class LLaMa:
         device = resolve_device(device if device is not None or n == 1 else local_device())
         source = BUILTIN_MODEL if checkpoints_dir is None else checkpoints_dir
         dtype = run_dtype(source, tokenizer_path, dtype, device)
+        if pack and quantize is not None:
+            raise ValueError(f"pack=True reorders bf16 weights that quantize={quantize!r} replaces: choose one")
         if pack and not (device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16() and n == 1):
             raise ValueError(
-                f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels in one process, not {dtype} on {device}"
+                f"pack=True needs bfloat16 on a CPU with oneDNN bf16 kernels in one process, not {dtype} on "
+                f"{device} in {n} process{'es' if n > 1 else ''}"
             )
         if compile and not (device.type == "cuda" and n == 1):
             raise ValueError(f"compile=True captures CUDA graphs: it needs a CUDA device in one process, not {device}")

@@ -236,7 +236,12 @@ class Int4Linear(QuantizedLinear):
     ):
         if in_features % group_size:
             fits = [g for g in GROUP_SIZES if in_features % g == 0]
-            fix = f"make_quantized(model, 'int4', group_size={fits[-1]})" if fits else "int8"
+            fix = (
+                f"make_quantized(model, 'int4', group_size={fits[-1]}) and save_quantized, then build that folder; "
+                "or int8"
+                if fits
+                else "int8"
+            )
             raise ValueError(f"int4 group_size={group_size} does not divide in_features={in_features}: use {fix}")
         if group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group_size={group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")

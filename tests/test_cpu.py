@@ -278,8 +278,10 @@ def test_float32_cpu_builds_use_grouped_attention_only(make_ckpt):
 
 def test_pack_is_refused_where_it_cannot_run(make_ckpt):
     folder, _ = make_ckpt(GQA, 1)
-    with pytest.raises(ValueError, match="pack=True needs bfloat16 on a CPU"):
+    with pytest.raises(ValueError, match="pack=True needs bfloat16 on a CPU .* not torch.float32 on cpu in 1 process"):
         LLaMa.build(folder, max_seq_len=8, dtype="float32", pack=True)
+    with pytest.raises(ValueError, match="pack=True reorders bf16 weights that quantize='int8' replaces"):
+        LLaMa.build(folder, max_seq_len=8, dtype="bfloat16", pack=True, quantize="int8")  # it packed nothing
     fp32 = LLaMa.build(folder, max_seq_len=8, dtype="float32")  # bf16 only: float32 has no oneDNN detour
     assert not any(isinstance(m, (GemvLinear, PackedLinear)) for m in fp32.model.modules())
 
