@@ -44,6 +44,13 @@ class LLaMa:
         self._warned_cut = False
         self.step: StaticDecode | None = None  # build(compile=True): the decode steps as one CUDA graph
 
+    def __getstate__(self) -> dict:
+        """copy.deepcopy and pickle: everything but the lock, which the copy gets anew."""
+        return {k: v for k, v in self.__dict__.items() if k != "_generating"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _generating=threading.Lock())
+
     @property
     def _tokenizer(self) -> Tokenizer:
         """The tokenizer, which every generation needs (its stop and pad ids, its text)."""

@@ -56,8 +56,8 @@ class Tokenizer:
     pad_id: int
     stop_ids: tuple[int, ...]  # a generated one ends the row
 
-    def __new__(cls, model_path: str | os.PathLike, contents: bytes | None = None):
-        if cls is Tokenizer:
+    def __new__(cls, model_path: str | os.PathLike | None = None, contents: bytes | None = None):
+        if cls is Tokenizer:  # (a subclass's, as copy and pickle make one, needs no path)
             cls = Tokenizer.kind(model_path, contents)
         return super().__new__(cls)
 

@@ -295,3 +295,17 @@ def test_answers_cut_by_max_seq_len_are_said_once(llm, caplog):
         "a 40-token prompt leaves room for 8 of max_gen_len=20 new tokens in max_seq_len=48: answers are cut "
         "there, as in Meta's code (build with max_seq_len=60 for all of them; said once)"
     ]
+
+
+def test_a_copy_or_a_pickle_draws_what_the_original_draws_next(llm):
+    """Their generators are copies: each draws the sequence the original would (the lock is made anew)."""
+    import copy
+    import pickle
+
+    llm.text_completion(["the king"], max_gen_len=4)
+    copies = [copy.deepcopy(llm), pickle.loads(pickle.dumps(llm))]
+    want = llm.text_completion(["the king"], max_gen_len=6).texts
+    assert [c.text_completion(["the king"], max_gen_len=6).texts for c in copies] == [want, want]
+    assert pickle.loads(pickle.dumps(llm.tokenizer)).encode("the king", bos=True, eos=False) == llm.tokenizer.encode(
+        "the king", bos=True, eos=False
+    )
