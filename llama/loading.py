@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import MetaCheckpoint, find_tokenizer, load_shard, read_params, read_params_file
-from llama.convert.gguf import read_gguf, vocabulary_kind
 from llama.cpu import weight_bytes
 from llama.model import ModelArgs, Transformer
 from llama.quantize import check_scheme, make_quantized, quantized_bytes, read_scheme
@@ -47,6 +46,8 @@ def uses_tiktoken(source: str | os.PathLike, tokenizer_path: str | os.PathLike |
     tokenizer.model, or a GGUF file's vocabulary, read no further than the kind (a preset: no tokenizer)."""
     source = Path(source)
     if tokenizer_path is None and source.suffix.lower() == ".gguf" and source.is_file():
+        from llama.convert.gguf import vocabulary_kind  # not at import: `python -m llama.convert.gguf` runs it
+
         return vocabulary_kind(source) == "gpt2"
     path = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(source) if source.is_dir() else None
     return path is not None and path.is_file() and Tokenizer.kind(path) is TiktokenTokenizer
@@ -170,6 +171,8 @@ def load_gguf(
 ) -> Loaded:
     """A LLaMA GGUF file: weights dequantized into dtype, the tokenizer rebuilt from its vocabulary
     (or tokenizer_path's)."""
+    from llama.convert.gguf import read_gguf  # not at import: `python -m llama.convert.gguf` runs it
+
     device, dtype = _placement(device, dtype, quantize)
     state_dict, args, proto = read_gguf(path, dtype)
     tokenizer = tokenizer_for(args, Path(path), tokenizer_path, proto)

@@ -297,12 +297,14 @@ def test_cli_round_trip(tmp_path, sp_model_path):
     original = write_checkpoint(tmp_path / "meta", GQA, n_shards=2)
     (tmp_path / "tokenizer.model").write_bytes(sp_model_path.read_bytes())  # Meta's parent-folder layout
     run = [sys.executable, "-m", "llama.convert.gguf"]
-    subprocess.run(
+    r = subprocess.run(
         [*run, "from_meta", tmp_path / "meta", tmp_path / "m.gguf", "--type", "F32"],
         cwd=REPO,
         check=True,
         capture_output=True,
+        text=True,
     )
+    assert "RuntimeWarning" not in r.stderr  # runpy's, when `import llama` had imported the module already
     subprocess.run(
         [*run, "to_meta", tmp_path / "m.gguf", tmp_path / "back", "--n_shards", "2", "--dtype", "fp32"],
         cwd=REPO,
