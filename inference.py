@@ -349,6 +349,7 @@ def init_distributed(device: str | None) -> None:
     RANK = join(device)
     if RANK > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        logging.disable(logging.WARNING)  # rank 0 says it once; errors still show
 
 
 def close_distributed(code: int = 0) -> None:

@@ -107,6 +107,7 @@ done
 ((${#model_list[@]})) || die "no models given; choose from $ALL_MODELS"
 
 target=${target:-.}
+[[ ! -e $target || -d $target ]] || die "--target-dir $target is a file, not a folder: choose a folder"
 
 # --- tools ------------------------------------------------------------------------------
 

@@ -193,6 +193,13 @@ def test_unknown_model_is_named(tmp_path, downloader):
     assert "'8B'" in result.stderr and "7B-chat" in result.stderr
 
 
+def test_a_target_dir_that_is_a_file_is_named(tmp_path, downloader):
+    (tmp_path / "afile").write_text("")
+    url = ("--url", "http://127.0.0.1:9/*?Signature=x", "--models", "7B")
+    result = run(tmp_path, downloader, *url, "--target-dir", str(tmp_path / "afile"))
+    assert result.returncode != 0 and "afile is a file, not a folder" in result.stderr
+
+
 def test_help():
     result = subprocess.run([SCRIPT, "--help"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
     assert result.returncode == 0 and "--target-dir" in result.stdout
