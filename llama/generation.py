@@ -84,9 +84,8 @@ class LLaMa:
         path loads too, dequantized into dtype. dtype=None is bf16 on the CPU and Meta's code's choice
         on a GPU: fp16, or bf16 for Llama 3 (llama.loading.run_dtype). On the CPU in bf16, decode
         steps run in kernels compiled here once per machine where the CPU has AVX-512 BF16 (see
-        llama.cpu); pack=True
-        keeps the weights in oneDNN's layout instead, faster for batches and prompts, slower at
-        batch 1. Inside a torch.distributed process group of several processes (torchrun), each
+        llama.cpu); pack=True keeps the weights in oneDNN's layout instead, faster for batches and
+        prompts, slower at batch 1. Inside a torch.distributed process group of several processes (torchrun), each
         process builds its part of the model, split over them all (see llama.parallel).
         compile=True (CUDA, one process) runs each decode step as one captured CUDA graph (see
         llama.compiled): the first steps at each batch size compile it (complete_many's at
