@@ -130,3 +130,18 @@ def test_bad_files_are_clear_errors(tmp_path):
     (tmp_path / "cut.bin").write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated or not llama2.c"):
         read_llama2c(tmp_path / "cut.bin")
+
+
+def test_a_width_that_is_no_multiple_of_64_converts(tmp_path):
+    """stories15M's dim 288 (6 heads of 48): the FFN sizing was once worked out with 32 heads, which 288 refused."""
+    from llama.checkpoint import MetaCheckpoint
+    from llama.convert.llama2c import HEADER, llama2c_to_meta
+
+    dim, hidden, n_layers, n_heads, vocab, seq_len = 96, 256, 1, 6, 40, 8
+    floats = (
+        vocab * dim + n_layers * (2 * dim + 4 * dim * dim + 3 * hidden * dim) + dim + 2 * seq_len * dim // n_heads // 2
+    )
+    path = tmp_path / "s.bin"
+    path.write_bytes(HEADER.pack(dim, hidden, n_layers, n_heads, n_heads, vocab, seq_len) + bytes(4 * floats))
+    args = MetaCheckpoint(llama2c_to_meta(path, tmp_path / "out")).args
+    assert (args.dim, args.n_heads, args.ffn_hidden_dim, args.vocab_size) == (96, 6, 256, 40)

@@ -16,7 +16,7 @@ import torch
 
 from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint, write_checklist
 from llama.convert import bpe, run_cli
-from llama.model import LLAMA3_ROPE_SCALING, ModelArgs
+from llama.model import LLAMA3_ROPE_SCALING, ModelArgs, ffn_hidden_dim
 from llama.tokenizer import TiktokenTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def ffn_params(intermediate_size: int, dim: int, hint: dict | None = None) -> di
     each with the largest power-of-two multiple_of)."""
     candidates = []
     if isinstance(intermediate_size, int) and intermediate_size > 0 and dim > 0:
-        base = ModelArgs(dim=dim, multiple_of=1).ffn_hidden_dim  # 2/3 of 4 * dim
+        base = ffn_hidden_dim(dim, 1)  # 2/3 of 4 * dim
         ratio = intermediate_size / base
         # The last multiplier lands int(multiplier * base) mid-way on intermediate_size: always exact.
         multipliers = [None, *(round(ratio, k) for k in range(1, 7)), (intermediate_size + 0.5) / base]
@@ -87,8 +87,7 @@ def ffn_params(intermediate_size: int, dim: int, hint: dict | None = None) -> di
         if hint and hint.get("multiple_of"):
             candidates.insert(0, (hint["multiple_of"], hint.get("ffn_dim_multiplier")))
     for multiple_of, multiplier in candidates:
-        args = ModelArgs(dim=dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
-        if args.ffn_hidden_dim == intermediate_size:
+        if ffn_hidden_dim(dim, multiple_of, multiplier) == intermediate_size:
             return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
     raise ValueError(
         f"intermediate_size={intermediate_size!r} with dim={dim}: no multiple_of/ffn_dim_multiplier "
