@@ -51,6 +51,22 @@ def test_meta_to_hf_to_meta_is_bit_identical(make_ckpt, tmp_path, params, n_shar
     assert (back / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
 
 
+def test_no_conversion_writes_where_a_model_is(make_ckpt, tmp_path):
+    """Into the source, or over a converted model (another model's tokenizer.model stayed beside it)."""
+    from llama.convert.gguf import meta_folder_to_gguf
+
+    folder, _ = make_ckpt(MHA, 1)
+    hf = meta_folder_to_hf(folder, tmp_path / "hf")
+    for out, what in ((folder, "a checkpoint .consolidated.00.pth"), (hf, "a Hugging Face model .config.json")):
+        with pytest.raises(ValueError, match=f"already holds {what}"):
+            meta_folder_to_hf(folder, out)
+    with pytest.raises(ValueError, match="back already holds a checkpoint"):
+        hf_folder_to_meta(hf, hf_folder_to_meta(hf, tmp_path / "back"))
+    gguf_file = meta_folder_to_gguf(folder, tmp_path / "m.gguf", "F32")
+    with pytest.raises(ValueError, match="m.gguf exists: write the GGUF file to a new path"):
+        meta_folder_to_gguf(folder, gguf_file, "F32")
+
+
 @pytest.mark.parametrize(
     "params, n_shards", [(MHA, 1), (GQA, 2), (THETA, 2), (SCALED, 1)], ids=["mha", "gqa", "theta1e6", "llama3.1-rope"]
 )

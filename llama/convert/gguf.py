@@ -373,6 +373,8 @@ def gguf_to_meta_folder(
 def meta_folder_to_gguf(meta_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "F16") -> Path:
     """Write one GGUF file (type F32, F16, BF16, Q8_0 or Q4_0) for a Meta folder of any number of
     shards, with tokenizer.model from the folder or its parent."""
+    if Path(out_path).exists():
+        raise ValueError(f"{out_path} exists: write the GGUF file to a new path")
     tokenizer = find_tokenizer(Path(meta_dir))
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.model in {meta_dir} or its parent: GGUF files carry the vocabulary")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint, write_checklist
+from llama.checkpoint import cast, check_out_dir, find_tokenizer, load_merged, save_checkpoint, write_checklist
 from llama.convert import bpe, run_cli
 from llama.model import LLAMA3_ROPE_SCALING, ModelArgs, ffn_hidden_dim
 from llama.tokenizer import TiktokenTokenizer, Tokenizer
@@ -313,8 +313,11 @@ def meta_folder_to_hf(
     tokenizer.json for Llama 3's) for a Meta folder of any number of shards, with the tokenizer.model
     from the folder or its parent; dtype None keeps the checkpoint's."""
     save_file = _safetensors().save_file
+    out = check_out_dir(out_dir)  # never beside a Meta checkpoint, the source included
+    held = sorted(p.name for p in [out / "config.json", *out.glob("*.safetensors")] if p.exists())
+    if held:
+        raise ValueError(f"{out} already holds a Hugging Face model ({', '.join(held[:3])}): write to a new folder")
     state_dict, args = load_merged(meta_dir)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer_to_hf(find_tokenizer(Path(meta_dir)), out)
     weights, config = meta_to_hf(cast(state_dict, dtype), args)
