@@ -199,7 +199,7 @@ class LLaMa:
         replies = [(UNSAFE_ERROR, None, [], [])] * len(dialogs)
         if safe:
             prompt_tokens = [encode_dialog(self._tokenizer, dialogs[i]) for i in safe]
-            max_gen_len = self._check_prompts(prompt_tokens, max_gen_len)
+            max_gen_len = self._check_prompts(prompt_tokens, max_gen_len, names=[f"dialog {i}" for i in safe])
             sampler = Sampler(temperature, top_p, top_k, repetition_penalty)
             done = self._complete(prompt_tokens, max_gen_len, sampler, logprobs, False, stop)
             for j, i in enumerate(safe):
@@ -356,10 +356,12 @@ class LLaMa:
         stop_ids = self._tokenizer.stop_ids if stop_ids is None else stop_ids
         return Outputs(self._tokenizer, prompt_tokens, stop_ids, list(stop or []), want_text)
 
-    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int | None, one_batch: bool = True) -> int:
+    def _check_prompts(
+        self, prompt_tokens: list[list[int]], max_gen_len: int | None, one_batch: bool = True, names=None
+    ) -> int:
         """Refuse, before any step, a batch that is not lists of the model's ids, does not fit the
         cache (one_batch: nor its max_batch_size) or asks for nothing; returns max_gen_len (None: up
-        to max_seq_len - 1, Meta's default)."""
+        to max_seq_len - 1, Meta's default). names: what the errors call each prompt ("prompt i")."""
         if not isinstance(prompt_tokens, list) or (prompt_tokens and all(_is_int(t) for t in prompt_tokens)):
             what = "one flat list of ids" if isinstance(prompt_tokens, list) else f"a {type(prompt_tokens).__name__}"
             raise ValueError(f"prompt_tokens is {what}: pass a list of id lists, one per prompt ([ids] for one)")
@@ -372,18 +374,19 @@ class LLaMa:
             )
         vocab = self.model.vocab_size
         for i, t in enumerate(prompt_tokens):
+            name = names[i] if names else f"prompt {i}"
             if not isinstance(t, list) or not all(_is_int(x) for x in t):
                 raise ValueError(
-                    f"prompt {i} is {type(t).__name__} {str(t)[:60]}: pass a list of ints (.tolist() a tensor)"
+                    f"{name} is {type(t).__name__} {str(t)[:60]}: pass a list of ints (.tolist() a tensor)"
                 )
             if len(t) == 0:
-                raise ValueError(f"prompt {i} has no tokens")
+                raise ValueError(f"{name} has no tokens")
             if not all(0 <= x < vocab for x in t):
                 bad = next(x for x in t if not 0 <= x < vocab)
-                raise ValueError(f"prompt {i} holds id {bad}, outside the model's vocabulary 0..{vocab - 1}")
+                raise ValueError(f"{name} holds id {bad}, outside the model's vocabulary 0..{vocab - 1}")
             if len(t) > self.model.max_seq_len:
                 raise ValueError(
-                    f"prompt {i} has {len(t)} tokens, {len(t) - self.model.max_seq_len} more than "
+                    f"{name} has {len(t)} tokens, {len(t) - self.model.max_seq_len} more than "
                     f"max_seq_len={self.model.max_seq_len}: shorten it or build with a larger max_seq_len"
                 )
         if max_gen_len is None:

@@ -89,6 +89,9 @@ def test_special_tags_get_metas_error_reply_without_generating(make_ckpt):
     assert calls == []
     with pytest.raises(ValueError, match="dialog 1, message 0"):
         llm.chat_completion([dialogs[1], [{"role": "bot", "content": "x"}]])
+    too_long = [{"role": "user", "content": "the king " * 40}]
+    with pytest.raises(ValueError, match="dialog 1 has .* tokens"):  # the dialogs' own index, past a refused one
+        llm.chat_completion([dialogs[0], too_long])
 
 
 # Meta's Llama 3 ids: <|begin_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eom_id|>, <|eot_id|>,
