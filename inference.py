@@ -387,14 +387,20 @@ def flag_value(args: list[str], name: str) -> str | None:
 
 
 def unknown_flag(command, args: list[str]) -> str | None:
-    """The first --flag the command does not take, said with the nearest one it does (fire would
-    run the command without it)."""
+    """What is wrong with the first flag the command does not take: a --flag it lacks, said with the
+    nearest one it has (fire would run the command without it), or a short -x (fire's, which parse
+    their values: -p "the king" became eight prefixes)."""
     names = set(inspect.signature(command).parameters)
+    usage = "python inference.py" + ("" if command is complete else f" {command.__name__}") + " --help"
     for arg in args:
+        if len(arg) == 2 and arg[0] == "-" and arg[1].isalpha() and arg != "-h":
+            long = " or ".join(sorted(f"--{name}" for name in names if name.startswith(arg[1])))
+            return f"{arg}: write flags in full ({long or usage + ' lists them'})"
         name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") and arg != "--help" else None
         if name and name not in names and name.removeprefix("no") not in names:  # fire's --noflag is False
             close = difflib.get_close_matches(name, sorted(names), n=1)
-            return f"--{name}" + (f" (did you mean --{close[0]}?)" if close else "")
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            return f"no flag --{name}{hint} here: {usage} lists them"
     return None
 
 
@@ -407,9 +413,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}")
     if "--help" in rest or "-h" in rest:
         print(f"{__doc__.strip()}\n\n{command.__name__}'s flags:\n", flush=True)
-    elif (flag := unknown_flag(command, rest + [f"--{name}" for name in raw])) is not None:
-        name = "" if command is complete else f" {command.__name__}"
-        sys.exit(f"error: no flag {flag} here: python inference.py{name} --help lists them")
+    elif (wrong := unknown_flag(command, rest + [f"--{name}" for name in raw])) is not None:
+        sys.exit(f"error: {wrong}")
     for name, values in raw.items():  # handed to fire as JSON literals, which it parses back
         rest.append(f"--{name}=" + json.dumps(values if name in LIST_FLAGS else values[-1]))
     init_distributed(flag_value(rest, "device"))

@@ -317,6 +317,8 @@ def test_a_misspelt_or_bad_flag_is_one_line_naming_it(folder):
     )
     r = run("chat", "--ckpt_dir", str(folder), "--temprature", "0")
     assert r.stderr.strip().startswith("error: no flag --temprature (did you mean --temperature?)")
+    r = run("infill", "--ckpt_dir", str(folder), "-p", "the king", "--suffix", "q")  # fire split it into 8 prefixes
+    assert r.returncode != 0 and r.stderr.strip() == "error: -p: write flags in full (--prefix)"
     r = run("--ckpt_dir", str(folder), "--temperature", "abc", "--max_gen_len", "2")
     assert (
         r.returncode != 0
