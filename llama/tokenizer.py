@@ -205,6 +205,9 @@ def _read_ranks(path: Path, contents: bytes) -> dict[bytes, int]:
             raise ValueError(f"{path}:{n} is not a tiktoken line (base64 token, space, rank): {line[:80]!r}") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: the ranks are not 0..{len(ranks) - 1} once each: the file is damaged")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # byte-level BPE falls back on them: tiktoken panics at the first text that needs one
+        raise ValueError(f"{path} lacks {len(missing)} of the 256 single-byte tokens: the file is damaged or cut")
     return ranks
 
 

@@ -29,6 +29,9 @@ def test_bad_paths_and_types(tmp_path, sp_model_path):
     (tmp_path / "gap.model").write_text("IQ== 0\nIg== 5\n")
     with pytest.raises(ValueError, match="the ranks are not 0..1 once each"):
         Tokenizer(tmp_path / "gap.model")
+    (tmp_path / "cut.model").write_text("aGVsbG8= 0\n")  # "hello" alone: tiktoken panicked at encode("xyz")
+    with pytest.raises(ValueError, match="cut.model lacks 256 of the 256 single-byte tokens"):
+        Tokenizer(tmp_path / "cut.model")
     with pytest.raises(TypeError, match="encode takes a str"):
         Tokenizer(sp_model_path).encode(["x"], bos=True, eos=False)
 
