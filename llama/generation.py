@@ -188,7 +188,8 @@ class LLaMa:
     ) -> list[dict]:
         """Meta's chat_completion, in the chat format of the model's tokenizer (Llama 2's [INST] or
         Llama 3's headers; see llama.chat): [{"generation": {"role": "assistant", "content": ...,
-        "stop_reason": ...}}, ...], with "tokens" and "logprobs" when logprobs. stop_reason is
+        "stop_reason": ...}}, ...], with "tokens" (each token's text, decode([id]), as Meta's code gives
+        them) and "logprobs" when logprobs. stop_reason is
         end_of_turn, end_of_message (Llama 3's <|eom_id|>), out_of_tokens or stop_string. A Llama 2
         dialog containing the format's tags gets Meta's error reply (stop_reason None), ungenerated."""
         if not dialogs:
@@ -207,7 +208,8 @@ class LLaMa:
         out = []
         for text, reason, tokens, probs in replies:
             item = {"generation": {"role": "assistant", "content": text, "stop_reason": reason}}
-            out.append(item | ({"tokens": tokens, "logprobs": probs} if logprobs else {}))
+            texts = [self._tokenizer.decode([t]) for t in tokens]
+            out.append(item | ({"tokens": texts, "logprobs": probs} if logprobs else {}))
         return out
 
     def text_infilling(
@@ -224,8 +226,9 @@ class LLaMa:
         repetition_penalty: float = 1.0,
     ) -> list[dict]:
         """Meta's text_infilling for Code Llama 7B/13B: the code between each prefix and suffix,
-        [{"generation": middle, "full_text": prefix + middle + suffix}, ...] (with "tokens" and
-        "logprobs" when logprobs). Each row ends at ▁<EOT>, Code Llama's end of a middle."""
+        [{"generation": middle, "full_text": prefix + middle + suffix}, ...] (with "tokens", each
+        token's piece as Meta's code gives them, and "logprobs" when logprobs). Each row ends at
+        ▁<EOT>, Code Llama's end of a middle."""
         tokenizer = check_infilling(self._tokenizer)
         if isinstance(prefixes, str) or isinstance(suffixes, str) or len(prefixes) != len(suffixes):
             raise ValueError("prefixes and suffixes are lists of strings of the same length: one pair per gap")
@@ -240,7 +243,8 @@ class LLaMa:
         for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
             middle = tokenizer.decode_infilling(done.tokens[i])
             item = {"generation": middle, "full_text": prefix + middle + suffix}
-            out.append(item | ({"tokens": done.tokens[i], "logprobs": done.logprobs[i]} if logprobs else {}))
+            pieces = [tokenizer.sp_model.id_to_piece(t) for t in done.tokens[i]]
+            out.append(item | ({"tokens": pieces, "logprobs": done.logprobs[i]} if logprobs else {}))
         return out
 
     def stream(

@@ -83,6 +83,7 @@ def test_special_tags_get_metas_error_reply_without_generating(make_ckpt):
     unsafe = {"role": "assistant", "content": UNSAFE_ERROR, "stop_reason": None}
     assert out[0] == {"generation": unsafe, "tokens": [], "logprobs": []}
     assert out[1]["generation"]["role"] == "assistant" and len(out[1]["tokens"]) == 4
+    assert all(isinstance(t, str) for t in out[1]["tokens"])  # each token's text, as Meta's chat_completion
     assert set(calls) == {1}  # only the safe dialog went through the model
     calls.clear()
     assert llm.chat_completion([dialogs[0]]) == [{"generation": unsafe}]

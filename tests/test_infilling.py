@@ -49,8 +49,9 @@ def test_text_infilling_writes_the_middle_and_stops_at_eot(llm):
     )
     assert seen[0] == [infilling_prompt(tok, "the king", " spoke")] * 2  # the prompt, in one pass
     assert out[1]["generation"] == " and queen" and out[1]["full_text"] == "the king and queen spoke"
-    assert out[1]["tokens"] == middle and len(out[1]["logprobs"]) == len(middle)
-    assert out[0]["tokens"] == middle + [tok.eos_id]  # EOS did not end the middle: max_gen_len did
+    pieces = [tok.sp_model.id_to_piece(t) for t in middle]  # Code Llama's token_piece, as its code returns them
+    assert out[1]["tokens"] == pieces and len(out[1]["logprobs"]) == len(middle)
+    assert out[0]["tokens"] == pieces + ["</s>"]  # EOS did not end the middle: max_gen_len did
 
 
 def test_infilling_needs_code_llamas_pieces(make_ckpt):
