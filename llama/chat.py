@@ -29,7 +29,7 @@ def check_dialog(dialog: Dialog, index: int = 0, tokenizer: Tokenizer | None = N
     if not isinstance(dialog, list) or not dialog:
         raise ValueError(f"dialog {index} is empty or not a list of messages")
     for i, msg in enumerate(dialog):
-        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or "role" not in msg:
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or not isinstance(msg.get("role"), str):
             raise ValueError(f'dialog {index}, message {i}: expected {{"role": ..., "content": str}}, got {msg!r}')
     if is_llama3(tokenizer):
         for i, msg in enumerate(dialog):

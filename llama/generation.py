@@ -192,6 +192,7 @@ class LLaMa:
         them) and "logprobs" when logprobs. stop_reason is
         end_of_turn, end_of_message (Llama 3's <|eom_id|>), out_of_tokens or stop_string. A Llama 2
         dialog containing the format's tags gets Meta's error reply (stop_reason None), ungenerated."""
+        dialogs = list(dialogs)  # any iterable, read once
         if not dialogs:
             raise ValueError("no dialogs: pass at least one")
         for i, dialog in enumerate(dialogs):

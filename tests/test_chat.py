@@ -66,6 +66,7 @@ def test_two_and_three_turns(tok):
         ([{"role": "system", "content": "s"}, {"role": "system", "content": "t"}], "message 1: expected role 'user'"),
         ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "ends with 'assistant'"),
         ([{"role": "user"}], "message 0: expected"),
+        ([{"role": ["user"], "content": "a"}], "message 0: expected"),  # unhashable: a TypeError on Llama 3's roles
     ],
 )
 def test_role_order_errors_name_the_message(dialog, match):
@@ -93,6 +94,7 @@ def test_special_tags_get_metas_error_reply_without_generating(make_ckpt):
     too_long = [{"role": "user", "content": "the king " * 40}]
     with pytest.raises(ValueError, match="dialog 1 has .* tokens"):  # the dialogs' own index, past a refused one
         llm.chat_completion([dialogs[0], too_long])
+    assert llm.chat_completion(iter(dialogs), temperature=0, max_gen_len=2)[0]["generation"]["content"] == UNSAFE_ERROR
 
 
 # Meta's Llama 3 ids: <|begin_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eom_id|>, <|eot_id|>,
