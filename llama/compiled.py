@@ -30,6 +30,14 @@ class StaticDecode:
         self.warmup_s: float | None = None  # the first call's seconds: compiling (capture follows in the next calls)
         self.calls = 0
 
+    def __getstate__(self) -> dict:
+        """copy and pickle: the model and mode; the compiled function (bound to this object's model)
+        and the step's tensors are made again for the copy."""
+        return {"model": self.model, "mode": self.mode}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"], state["mode"])
+
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         if tokens.shape[1] != 1 or start_pos >= self.model.max_seq_len:
             raise ValueError(

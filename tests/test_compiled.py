@@ -3,6 +3,9 @@ forward (Meta's schedule) and as decode_rows (continuous batching), eager and co
 on the CPU; generation and complete_many through it draw the same ids. CUDA graphs
 (mode="reduce-overhead") are checked in tests/test_devices.py on a GPU."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from conftest import GQA, MHA, tokens
@@ -90,6 +93,14 @@ def test_generation_through_the_step_draws_the_same_ids(make_ckpt, temperature):
     want = [c.tokens for c in plain.complete_many(many, temperature, max_gen_len=[12, 20, 6, 9])]
     assert [c.tokens for c in stepped.complete_many(many, temperature, max_gen_len=[12, 20, 6, 9])] == want
     assert stepped.step.calls > calls  # complete_many's steps went through it
+    # A copy steps its own model: the copied compiled function had decoded through the original's.
+    twins = [copy.deepcopy(stepped), pickle.loads(pickle.dumps(stepped))]  # each draws what the original draws next
+    want = stepped.generate(prompts, 20, temperature)[0]
+    for twin in twins:
+        assert twin.step.model is twin.model and twin.step.mode is None
+        assert twin.generate(prompts, 20, temperature)[0] == want
+    stepped.step = StaticDecode(stepped.model, mode="default")  # torch.compile's function: copy shares it
+    assert copy.deepcopy(stepped).step.compiled is not stepped.step.compiled  # (not compiled: never called)
 
 
 def test_compile_is_for_cuda_and_a_step_is_one_token(make_ckpt):
