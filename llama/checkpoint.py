@@ -10,12 +10,13 @@ import json
 import logging
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, is_int
 from llama.runtime import file_mappings, release_mapped, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -240,24 +241,34 @@ def md5(path: Path) -> str:
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """Refuse a folder that already holds a checkpoint (params.json or shards) as a place to write
-    one: writing over it would destroy it, and over the folder a model was just mapped from, the
-    very weights being written."""
+    """Refuse, as a place to write a model, a file, or a folder that already holds one (Meta's
+    params.json or shards, Hugging Face's config.json or safetensors): writing over it would destroy
+    it, and over the folder a model was just mapped from, the very weights being written."""
     out = Path(out_dir)
-    held = sorted(p.name for p in [out / "params.json", *out.glob("consolidated.*.pth")] if p.exists())
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: name a folder to write the model into")
+    files = [out / "params.json", out / "config.json", *out.glob("consolidated.*.pth"), *out.glob("*.safetensors")]
+    held = sorted(p.name for p in files if p.exists())
     if held:
-        raise ValueError(f"{out} already holds a checkpoint ({', '.join(held[:3])}): write to a new or empty folder")
+        raise ValueError(f"{out} already holds a model ({', '.join(held[:3])}): write to a new or empty folder")
     return out
 
 
 def new_checkpoint_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """out_dir, made where missing, and checked (check_out_dir); with overwrite, its old shards
-    removed instead (fewer new ones would leave stale ones beside them)."""
+    """out_dir, made where missing, and checked (check_out_dir); with overwrite, its old shards and
+    quantization.json removed instead (fewer new shards would leave stale ones beside them)."""
     out = Path(out_dir) if overwrite else check_out_dir(out_dir)
-    for old in out.glob("consolidated.*.pth"):
+    for old in [*out.glob("consolidated.*.pth"), *out.glob("quantization.json")]:
         old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def copy_tokenizer(source: str | os.PathLike, out: Path) -> None:
+    """source as out/tokenizer.model, unless it is that very file (a folder written beside it)."""
+    target = out / "tokenizer.model"
+    if not (target.exists() and os.path.samefile(source, target)):
+        shutil.copyfile(source, target)
 
 
 def save_checkpoint(
@@ -270,7 +281,7 @@ def save_checkpoint(
     """Write a Meta folder: params.json, n_shards consolidated.NN.pth split as Meta splits them
     (embedding on its dim, Llama 1/2 style), and checklist.chk in `md5sum -c` format; a folder
     that holds a checkpoint already is refused (new_checkpoint_dir) unless overwrite."""
-    if not (isinstance(n_shards, int) and n_shards >= 1):
+    if not (is_int(n_shards) and n_shards >= 1):
         raise ValueError(f"n_shards={n_shards!r}: use a whole number, at least 1")
     for what, count in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
         if count % n_shards:

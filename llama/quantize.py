@@ -7,13 +7,12 @@ per weight, as llama.cpp's q4_0).
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from llama.checkpoint import new_checkpoint_dir, write_checklist
+from llama.checkpoint import copy_tokenizer, new_checkpoint_dir, write_checklist
 from llama.cpu import PackedLinear, weight_bytes
 from llama.model import Transformer
 from llama.quantized_linear import GROUP_SIZES, Int4Linear, Int8Linear, QuantizedLinear, wants_kernel_layout
@@ -88,9 +87,8 @@ def save_quantized(
     (out / "params.json").write_text(json.dumps(model.params.to_params(), indent=2) + "\n")
     (out / QUANT_FILE).write_text(json.dumps(model.quantization) + "\n")
     torch.save({k: v.to("cpu") for k, v in model.state_dict().items()}, out / "consolidated.00.pth")
-    target = out / "tokenizer.model"
-    if tokenizer_path is not None and not (target.exists() and os.path.samefile(tokenizer_path, target)):
-        shutil.copy(tokenizer_path, target)
+    if tokenizer_path is not None:
+        copy_tokenizer(tokenizer_path, out)
     write_checklist(out)
     return out
 

@@ -63,7 +63,7 @@ def test_save_checkpoint_round_trips_and_writes_checklist(tmp_path, make_ckpt):
         assert torch.equal(model.state_dict()[key], value), key
     check = subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=out, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    with pytest.raises(ValueError, match="saved already holds a checkpoint .consolidated.00.pth, consolidated.01"):
+    with pytest.raises(ValueError, match="saved already holds a model .consolidated.00.pth, consolidated.01"):
         save_checkpoint(sd, args, out)  # never over another checkpoint, unless asked
     assert [p.name for p in save_checkpoint(sd, args, out, overwrite=True).glob("*.pth")] == ["consolidated.00.pth"]
 

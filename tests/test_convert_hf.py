@@ -57,11 +57,16 @@ def test_no_conversion_writes_where_a_model_is(make_ckpt, tmp_path):
 
     folder, _ = make_ckpt(MHA, 1)
     hf = meta_folder_to_hf(folder, tmp_path / "hf")
-    for out, what in ((folder, "a checkpoint .consolidated.00.pth"), (hf, "a Hugging Face model .config.json")):
+    for out, what in ((folder, "a model .consolidated.00.pth"), (hf, "a model .config.json")):
         with pytest.raises(ValueError, match=f"already holds {what}"):
             meta_folder_to_hf(folder, out)
-    with pytest.raises(ValueError, match="back already holds a checkpoint"):
+    with pytest.raises(ValueError, match="back already holds a model"):
         hf_folder_to_meta(hf, hf_folder_to_meta(hf, tmp_path / "back"))
+    with pytest.raises(ValueError, match="hf already holds a model .config.json, model.safetensors"):
+        hf_folder_to_meta(hf, hf)  # Meta's files had been written beside the source's
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="afile is a file: name a folder"):
+        hf_folder_to_meta(hf, tmp_path / "afile")
     gguf_file = meta_folder_to_gguf(folder, tmp_path / "m.gguf", "F32")
     with pytest.raises(ValueError, match="m.gguf exists: write the GGUF file to a new path"):
         meta_folder_to_gguf(folder, gguf_file, "F32")

@@ -103,7 +103,7 @@ def test_a_folder_that_holds_a_checkpoint_is_never_written_over(make_ckpt, tmp_p
     save_quantized(make_quantized(LLaMa.build(folder, device="cpu").model, "int8"), tmp_path / "q")
     for out in (folder, tmp_path / "q"):
         r = quantize_command(folder, out)
-        said = f"error: {out} already holds a checkpoint (consolidated.00.pth, params.json): write to a new"
+        said = f"error: {out} already holds a model (consolidated.00.pth, params.json): write to a new"
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(said), r.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     with pytest.raises(ValueError, match="the model is not quantized: make_quantized"):

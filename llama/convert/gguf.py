@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from llama.checkpoint import cast, find_tokenizer, load_merged, save_checkpoint, write_checklist
+from llama.checkpoint import cast, check_out_dir, find_tokenizer, load_merged, save_checkpoint, write_checklist
 from llama.convert import bpe, run_cli
 from llama.convert.hf import ffn_params
 from llama.model import ModelArgs, Transformer, precompute_freqs_cis
@@ -182,9 +182,10 @@ def read_gguf(
     """Meta's weights, params and tokenizer.model bytes from a LLaMA GGUF file. Quantized tensors are
     dequantized with the gguf package's own routines, each cast to dtype as it is read (None: float32,
     or the file's F16/BF16), so memory never holds more than one float32 tensor beyond the result."""
-    gguf, path = _gguf(), Path(path)
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
+    gguf = _gguf()
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError) as e:
@@ -362,6 +363,7 @@ def gguf_to_meta_folder(
     """Write a Meta folder (params.json, n_shards consolidated.NN.pth, tokenizer.model and a
     checklist.chk covering them all) from a LLaMA GGUF file; dtype None keeps the file's (float32
     where it is quantized)."""
+    check_out_dir(out_dir)  # before the file is read
     state_dict, args, tokenizer_model = read_gguf(path, dtype)
     out = save_checkpoint(state_dict, args, out_dir, n_shards)
     (out / "tokenizer.model").write_bytes(tokenizer_model)

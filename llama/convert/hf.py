@@ -9,12 +9,19 @@ tiktoken tokenizer.model travels as a tokenizer.json (llama.convert.bpe).
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from llama.checkpoint import cast, check_out_dir, find_tokenizer, load_merged, save_checkpoint, write_checklist
+from llama.checkpoint import (
+    cast,
+    check_out_dir,
+    copy_tokenizer,
+    find_tokenizer,
+    load_merged,
+    save_checkpoint,
+    write_checklist,
+)
 from llama.convert import bpe, run_cli
 from llama.model import LLAMA3_ROPE_SCALING, ModelArgs, ffn_hidden_dim
 from llama.tokenizer import TiktokenTokenizer, Tokenizer
@@ -229,8 +236,7 @@ def _tokenizer_to_hf(source: Path | None, out: Path) -> Tokenizer | None:
     if isinstance(tokenizer, TiktokenTokenizer):
         bpe.write_tokenizer_json(tokenizer, out)
     else:
-        if not ((out / "tokenizer.model").exists() and os.path.samefile(source, out / "tokenizer.model")):
-            shutil.copyfile(source, out / "tokenizer.model")
+        copy_tokenizer(source, out)
         (out / "tokenizer_config.json").write_text(json.dumps(_sentencepiece_config(tokenizer), indent=2) + "\n")
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids)}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -278,6 +284,7 @@ def hf_folder_to_meta(
     one, Llama 3's rebuilt from tokenizer.json) from a Hugging Face LlamaForCausalLM folder of
     *.safetensors; dtype None keeps theirs."""
     src = Path(hf_dir)
+    check_out_dir(out_dir)  # before any weight is read
     config = _read_json(src / "config.json")
     try:
         config_to_args(config)  # refuse a config or a tokenizer we cannot convert before reading any weights
@@ -313,10 +320,7 @@ def meta_folder_to_hf(
     tokenizer.json for Llama 3's) for a Meta folder of any number of shards, with the tokenizer.model
     from the folder or its parent; dtype None keeps the checkpoint's."""
     save_file = _safetensors().save_file
-    out = check_out_dir(out_dir)  # never beside a Meta checkpoint, the source included
-    held = sorted(p.name for p in [out / "config.json", *out.glob("*.safetensors")] if p.exists())
-    if held:
-        raise ValueError(f"{out} already holds a Hugging Face model ({', '.join(held[:3])}): write to a new folder")
+    out = check_out_dir(out_dir)  # never where a model is, the source included
     state_dict, args = load_merged(meta_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer_to_hf(find_tokenizer(Path(meta_dir)), out)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama.checkpoint import cast, save_checkpoint
+from llama.checkpoint import cast, check_out_dir, save_checkpoint
 from llama.convert import run_cli
 from llama.convert.hf import ffn_params
 from llama.model import ModelArgs
@@ -96,6 +96,7 @@ def read_llama2c(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Mode
 
 def llama2c_to_meta(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
     """Write the Meta folder (params.json keeps the training length as max_seq_len, unused by the model)."""
+    check_out_dir(out_dir)  # before the file is read
     sd, args, seq_len = read_llama2c(path)
     args.extra["max_seq_len"] = seq_len
     return save_checkpoint(cast(sd, dtype), args, out_dir)
