@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from llama import LLaMa
 from llama.chat import UNSAFE_ERROR, encode_dialog, has_special_tags
+from llama.model import is_int
 
 EXAMPLE_PROMPTS = [
     "ROMEO:\n",
@@ -195,6 +196,8 @@ def chat(
     Instruct one). The reply streams; /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C
     stops a reply."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not is_int(max_gen_len) or max_gen_len < 1:  # before the model loads
+        raise ValueError(f"max_gen_len={max_gen_len!r}: ask for a whole number of new tokens, at least 1")
     llm = LLaMa.build(
         ckpt_dir,
         tokenizer_path,
@@ -205,8 +208,6 @@ def chat(
         seed=seed,
         quantize=quantize,
     )
-    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
-        raise ValueError(f"max_gen_len={max_gen_len!r}: ask for a whole number of new tokens, at least 1")
     start = [{"role": "system", "content": system}] if system else []
     if start and len(encode_dialog(llm.tokenizer, [*start, {"role": "user", "content": ""}])) >= max_seq_len:
         raise ValueError(f"--system leaves no room for a message in max_seq_len={max_seq_len}: shorten it")
@@ -320,7 +321,7 @@ def take_raw_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     names = LIST_FLAGS + STRING_FLAGS
     while i < len(argv):
         arg = argv[i]
-        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None  # fire's --ckpt-dir too
         if name in names and "=" in arg:
             raw.setdefault(name, []).append(arg.split("=", 1)[1])
         elif name in names and i + 1 < len(argv):

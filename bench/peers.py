@@ -77,7 +77,8 @@ def step_profile(generate, ids: list[list[int]], cuda: bool) -> dict:
 
     def tally(steps: int) -> tuple[int, int, Counter]:
         with profile(activities=activities) as prof:
-            generate(ids, steps)
+            produced = generate(ids, steps)
+        assert produced == len(ids) * steps, (steps, produced)  # a row stopped early: the difference is not steps
         ops = kernels = 0
         kernel_us = Counter()
         for e in prof.events():

@@ -122,9 +122,9 @@ class KernelRMSNorm(RMSNorm):
 
 
 class GroupedQueryAttention(Attention):
-    """Attention whose GQA decode step is one float32 product per kv head: its n_heads / n_kv_heads
-    query heads are the rows, where SDPA's CPU path repeats the keys for each. Float32 as SDPA
-    accumulates (a bf16 matmul would also build a oneDNN kernel, and keep it, for every cache length)."""
+    """Attention whose GQA decode step is one float32 product per kv head, its n_heads / n_kv_heads
+    query heads the rows (as Attention.attend groups them): float32 as SDPA accumulates, and a bf16
+    matmul would build a oneDNN kernel, and keep it, for every cache length."""
 
     def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
         if xq.shape[2] != 1 or mask is not None or self.n_kv_heads == self.n_heads:

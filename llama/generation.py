@@ -18,7 +18,7 @@ from llama.cpu import onednn_bf16, use_cpu_modules
 from llama.decoding import Completions, Outputs, Step, StreamEvent, decode_steps
 from llama.infilling import check_infilling, infilling_prompt
 from llama.loading import BUILTIN_MODEL, load, run_dtype
-from llama.model import Transformer
+from llama.model import Transformer, is_int
 from llama.parallel import load_parallel, local_bytes, local_device, world
 from llama.quantize import check_scheme
 from llama.runtime import resolve_device
@@ -26,10 +26,6 @@ from llama.sampling import Sampler
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class LLaMa:
@@ -92,9 +88,9 @@ class LLaMa:
         max_batch_size), which takes a while.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: use a whole number, at least 1")
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ValueError(f"seed={seed!r}: use a whole number")
         check_scheme(quantize)
         _, n = world()
@@ -367,7 +363,7 @@ class LLaMa:
         """Refuse, before any step, a batch that is not lists of the model's ids, does not fit the
         cache (one_batch: nor its max_batch_size) or asks for nothing; returns max_gen_len (None: up
         to max_seq_len - 1, Meta's default). names: what the errors call each prompt ("prompt i")."""
-        if not isinstance(prompt_tokens, list) or (prompt_tokens and all(_is_int(t) for t in prompt_tokens)):
+        if not isinstance(prompt_tokens, list) or (prompt_tokens and all(is_int(t) for t in prompt_tokens)):
             what = "one flat list of ids" if isinstance(prompt_tokens, list) else f"a {type(prompt_tokens).__name__}"
             raise ValueError(f"prompt_tokens is {what}: pass a list of id lists, one per prompt ([ids] for one)")
         if not prompt_tokens:
@@ -380,7 +376,7 @@ class LLaMa:
         vocab = self.model.vocab_size
         for i, t in enumerate(prompt_tokens):
             name = names[i] if names else f"prompt {i}"
-            if not isinstance(t, list) or not all(_is_int(x) for x in t):
+            if not isinstance(t, list) or not all(is_int(x) for x in t):
                 raise ValueError(
                     f"{name} is {type(t).__name__} {str(t)[:60]}: pass a list of ints (.tolist() a tensor)"
                 )
@@ -396,7 +392,7 @@ class LLaMa:
                 )
         if max_gen_len is None:
             return self.model.max_seq_len - 1
-        if not _is_int(max_gen_len) or max_gen_len < 1:
+        if not is_int(max_gen_len) or max_gen_len < 1:
             raise ValueError(f"max_gen_len={max_gen_len!r}: ask for a whole number of new tokens, at least 1")
         longest = max(map(len, prompt_tokens))
         if longest + max_gen_len > self.model.max_seq_len and not self._warned_cut:

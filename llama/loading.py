@@ -33,7 +33,8 @@ def run_dtype(
 ) -> torch.dtype:
     """The dtype asked for, or the one Meta's code runs the model in on a GPU: float16 for Llama 1/2 and
     Code Llama, bfloat16 for Llama 3 (a tiktoken tokenizer) where the GPU computes in it natively
-    (compute capability 8.0 on; float16 before). On the CPU, bfloat16 (Meta's code needs a GPU)."""
+    (compute capability 8.0 on; float16 before). On the CPU bfloat16 and on MPS float16 (Meta's code
+    runs on CUDA)."""
     device = torch.device(device)
     if dtype is not None or device.type != "cuda":
         return resolve_dtype(dtype, device)

@@ -36,9 +36,9 @@ class ModelArgs:
             name for name in ("n_kv_heads", "ffn_dim_multiplier", "rope_scaling_factor") if getattr(self, name) is None
         ]
         for name in {"dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"} - set(optional):
-            if not (_is_int(getattr(self, name)) and getattr(self, name) > 0):
+            if not (is_int(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name}={getattr(self, name)!r}: use a positive integer")
-        if not (_is_int(self.vocab_size) and (self.vocab_size > 0 or self.vocab_size == -1)):
+        if not (is_int(self.vocab_size) and (self.vocab_size > 0 or self.vocab_size == -1)):
             raise ValueError(f"vocab_size={self.vocab_size!r}: use a positive integer, or -1 for the tokenizer's size")
         for name in {"norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor"} - set(optional):
             if not (_is_number(getattr(self, name)) and 0 < getattr(self, name) < math.inf):
@@ -139,7 +139,8 @@ LLAMA3_ROPE_SCALING = {
 LLAMA3_2_SHAPES = {(2048, 16, 32, 8): "Llama 3.2 1B", (3072, 28, 24, 8): "Llama 3.2 3B"}
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int and not a bool (JSON's true is no count)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -261,7 +262,8 @@ class Attention(nn.Module):
         return self.attend(xq, keys, values, visible[:, None, None])
 
     def attend(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
-        """softmax(q k^T / sqrt(D) + mask) v: [B, H, T, D] over keys and values [B, Hkv, S, D]."""
+        """softmax(q k^T / sqrt(D) + mask) v: [B, H, T, D] over keys and values [B, Hkv, S, D]; the
+        mask is the same for every head ([T, S] or [B, 1, T, S])."""
         # each group of n_heads / n_kv_heads query heads shares one kv head (GQA)
         bsz, _, seqlen, _ = xq.shape
         group = self.n_heads // self.n_kv_heads
@@ -379,7 +381,7 @@ class Transformer(nn.Module):
                 f"a {tuple(tokens.shape)} {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor) else type(tokens)
             )
             raise ValueError(f"tokens is {what}: pass ids as a [batch, time] integer tensor ([ids] for one row)")
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+        if not is_int(start_pos) or start_pos < 0:
             raise ValueError(f"start_pos={start_pos!r}: the position of the first token, a whole number from 0")
         bsz, seqlen = tokens.shape
         if self.freqs_cis is None:

@@ -15,7 +15,7 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from llama.model import Transformer
+from llama.model import Transformer, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: use a whole number, at least 1")
 
 

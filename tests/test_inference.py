@@ -147,7 +147,7 @@ def test_a_folder_named_by_a_number_stays_a_path(folder, tmp_path, monkeypatch):
     (tmp_path / "2024").symlink_to(folder)
     (tmp_path / "7").write_text("the king\n")
     monkeypatch.chdir(tmp_path)
-    r = run("--ckpt_dir", "2024", "--prompts_file", "7", "--out", "5", "--max_gen_len", "2", "--max_seq_len", "32")
+    r = run("--ckpt-dir", "2024", "--prompts_file", "7", "--out", "5", "--max_gen_len", "2", "--max_seq_len", "32")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "5").read_text())["prompt"] == "the king"
 
