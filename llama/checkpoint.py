@@ -242,12 +242,13 @@ def md5(path: Path) -> str:
 
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """Refuse, as a place to write a model, a file, or a folder that already holds one (Meta's
-    params.json or shards, Hugging Face's config.json or safetensors): writing over it would destroy
-    it, and over the folder a model was just mapped from, the very weights being written."""
+    params.json or shards, Hugging Face's config.json or safetensors, a GGUF file): writing over it
+    would destroy it, and over the folder a model was just mapped from, the very weights being written."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file: name a folder to write the model into")
-    files = [out / "params.json", out / "config.json", *out.glob("consolidated.*.pth"), *out.glob("*.safetensors")]
+    files = [out / "params.json", out / "config.json"]
+    files += [*out.glob("consolidated.*.pth"), *out.glob("*.safetensors"), *out.glob("*.gguf")]
     held = sorted(p.name for p in files if p.exists())
     if held:
         raise ValueError(f"{out} already holds a model ({', '.join(held[:3])}): write to a new or empty folder")

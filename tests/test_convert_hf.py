@@ -53,7 +53,7 @@ def test_meta_to_hf_to_meta_is_bit_identical(make_ckpt, tmp_path, params, n_shar
 
 def test_no_conversion_writes_where_a_model_is(make_ckpt, tmp_path):
     """Into the source, or over a converted model (another model's tokenizer.model stayed beside it)."""
-    from llama.convert.gguf import meta_folder_to_gguf
+    from llama.convert.gguf import gguf_to_meta_folder, meta_folder_to_gguf
 
     folder, _ = make_ckpt(MHA, 1)
     hf = meta_folder_to_hf(folder, tmp_path / "hf")
@@ -70,6 +70,8 @@ def test_no_conversion_writes_where_a_model_is(make_ckpt, tmp_path):
     gguf_file = meta_folder_to_gguf(folder, tmp_path / "m.gguf", "F32")
     with pytest.raises(ValueError, match="m.gguf exists: write the GGUF file to a new path"):
         meta_folder_to_gguf(folder, gguf_file, "F32")
+    with pytest.raises(ValueError, match="already holds a model .m.gguf"):
+        gguf_to_meta_folder(gguf_file, gguf_file.parent)  # beside its source
 
 
 @pytest.mark.parametrize(
