@@ -209,7 +209,7 @@ def chat(
         quantize=quantize,
     )
     start = [{"role": "system", "content": system}] if system else []
-    if start and len(encode_dialog(llm.tokenizer, [*start, {"role": "user", "content": ""}])) >= max_seq_len:
+    if start and fit_dialog(llm, [*start, {"role": "user", "content": ""}], len(start), max_gen_len) is None:
         raise ValueError(f"--system leaves no room for a message in max_seq_len={max_seq_len}: shorten it")
     dialog = list(start)
     print("Chat: /reset clears the history, /exit quits, Ctrl-C stops a reply.", flush=True)
