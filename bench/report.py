@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
+from device_check import PROFILE  # bench/device_check.py, beside this script
 from speed import SHAPES  # bench/speed.py: this script's folder is on sys.path when it runs
 
 BENCH = Path(__file__).resolve().parent
@@ -647,14 +648,11 @@ def device_check_table(result: dict) -> str:
     return md_table(head, rows) + step_table(bench["peers"])
 
 
-STEP_PROFILE = "profile_b1"  # device_check.py's PROFILE
-
-
 def step_table(peers: dict) -> str:
     """What one eager batch-1 decode step launched (peers.step_profile), where the run profiled it."""
     rows = []
-    for peer, row in ((p, r) for p, r in peers.items() if STEP_PROFILE in r):
-        prof, step = row[STEP_PROFILE], 1e3 / row["decode_b1"] if "decode_b1" in row else None
+    for peer, row in ((p, r) for p, r in peers.items() if PROFILE in r):
+        prof, step = row[PROFILE], 1e3 / row["decode_b1"] if "decode_b1" in row else None
         busy = f"{prof['kernel_ms'] / step:.0%}" if step and prof["kernels"] else "-"
         top = "; ".join(f"`{name[:60]}` {ms:.2f}" for name, ms in prof["top_kernels_ms"][:3]) or "-"
         cells = [
